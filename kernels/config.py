@@ -1,0 +1,81 @@
+"""Index configuration for :class:`louver_kernels.LouverIndex`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+
+class IndexKind(str, Enum):
+    """Which sound bound the index keeps over its keys.
+
+    BALLS: the original algorithm: per subspace, clusters of keys with a center and a radius.
+    QUANT: per-channel quantized keys with per-key, per-group residual norms.
+    """
+
+    BALLS = "balls"
+    QUANT = "quant"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """Parameters of one layer's index. Every field has a default; all are validated.
+
+    Attributes:
+        kind: the bound kept over the keys (see :class:`IndexKind`).
+        num_subspaces: BALLS: number of contiguous slices of the head dim (divides D).
+        cluster_size: BALLS: target number of keys per cluster (>= 1).
+        buffer_size: recent tokens attended exactly before being indexed (>= 1).
+        quant_bits: QUANT: 4 or 8 bits per channel code.
+        quant_group: QUANT: channels per residual-norm group (divides D).
+        sink_tokens: first positions whose exact score always feeds the threshold's m_lo.
+        probe_keys: keys with the largest bound whose exact score also feeds m_lo.
+        softmax_scale: attention scale; None means 1/sqrt(D).
+    """
+
+    kind: IndexKind = IndexKind.BALLS
+    num_subspaces: int = 4
+    cluster_size: int = 4
+    buffer_size: int = 256
+    quant_bits: int = 8
+    quant_group: int = 16
+    sink_tokens: int = 4
+    probe_keys: int = 16
+    softmax_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, IndexKind):
+            try:
+                object.__setattr__(self, "kind", IndexKind(self.kind))
+            except ValueError as exc:
+                raise ValueError(f"unknown index kind {self.kind!r}; expected one of "
+                                 f"{[k.value for k in IndexKind]}") from exc
+        for name in ("num_subspaces", "cluster_size", "buffer_size", "quant_group"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"IndexConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("sink_tokens", "probe_keys"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"IndexConfig.{name} must be an integer >= 0, got {value!r}")
+        if self.quant_bits not in (4, 8):
+            raise ValueError(f"IndexConfig.quant_bits must be 4 or 8, got {self.quant_bits!r}")
+        if self.softmax_scale is not None and not (
+            math.isfinite(self.softmax_scale) and self.softmax_scale > 0
+        ):
+            raise ValueError(f"IndexConfig.softmax_scale must be finite and > 0, got "
+                             f"{self.softmax_scale!r}")
+
+    def validate_dims(self, head_dim: int) -> None:
+        """Raise ValueError if this config cannot index keys of dimension ``head_dim``."""
+        if head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        if self.kind is IndexKind.BALLS and head_dim % self.num_subspaces:
+            raise ValueError(f"num_subspaces={self.num_subspaces} must divide head_dim={head_dim}")
+        if self.kind is IndexKind.QUANT and head_dim % self.quant_group:
+            raise ValueError(f"quant_group={self.quant_group} must divide head_dim={head_dim}")
+
+    def scale_for(self, head_dim: int) -> float:
+        """The softmax scale used for keys of dimension ``head_dim``."""
+        return self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(head_dim)

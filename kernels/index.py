@@ -1,0 +1,496 @@
+"""LouverIndex: the KV cache of one layer with a sound index over its keys.
+
+Layout (per layer, per KV head, contiguous, growing by amortized doubling):
+
+    keys    [Hkv, cap, D]   stored dtype (float16, bfloat16 or float32)
+    values  [Hkv, cap, Dv]
+    positions [0, num_indexed) are in the index; [num_indexed, num_keys) are the recent buffer,
+    which is always attended exactly. When the buffer holds ``buffer_size`` keys it is flushed:
+    its keys are encoded (clustered or quantized, locally) and appended to the index records.
+
+Index records per kind (fixed width per key, so a GPU kernel reads them coalesced):
+
+    BALLS  ids     int32 [Hkv, cap, S]          cluster of the key in each subspace
+           centers float32 [Hkv, S, Ccap, D/S]  radii float32 [Hkv, S, Ccap]
+    QUANT  codes   uint8 [Hkv, cap, D]          (bits per code: 4 or 8; packed by the kernels)
+           err     float16 [Hkv, cap, D/group]  residual norm per group, rounded up
+           lo, step float32 [Hkv, D]            per-channel affine range, fixed at the first build
+
+Attention semantics (every backend): query head h attends the buffer and every indexed key
+whose exact float32 score reaches tau_h. The output therefore does not depend on how tight the
+bound is; the bound only decides how many exact scores are computed (the candidates).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from louver_kernels import reference as ref
+from louver_kernels.config import IndexConfig, IndexKind
+from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK, mass_tau
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Keys must keep float32 scores finite: |k_i| <= 2^64 keeps q.k far below float32's max for any
+# query accepted here (|q_i| <= 2^48, D <= 2^12).
+_MAX_KEY_ABS = 2.0 ** 64
+_MAX_Q_ABS = 2.0 ** 48
+_MIN_CAPACITY = 256
+
+
+@dataclass
+class AttendOutput:
+    """Result of :meth:`LouverIndex.attend` for one query token.
+
+    Attributes:
+        output: float32 [Hq, Dv], softmax(scale * q.k) over the attended keys, times V.
+        lse: float32 [Hq], logsumexp(scale * q.k) over the attended keys (-inf if none).
+        tau: float32 [Hq], the threshold used (raw score; -inf for Dense).
+        num_candidates: int64 [Hq], keys whose bound reached tau, plus the buffer.
+        num_attended: int64 [Hq], keys in the softmax (score >= tau, plus the buffer).
+        dropped_mass_bound: float32 [Hq], an upper bound of the probability mass that the
+            skipped keys would have had in a dense softmax over all keys.
+    """
+
+    output: torch.Tensor
+    lse: torch.Tensor
+    tau: torch.Tensor
+    num_candidates: torch.Tensor
+    num_attended: torch.Tensor
+    dropped_mass_bound: torch.Tensor
+
+
+class SearchResult:
+    """Candidate positions per query head (a superset of {n : q_h.k_n >= tau_h}).
+
+    Args:
+        mask: bool [Hq, N]: candidate keys (the buffer included).
+    """
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+
+    def candidates(self, h: int) -> torch.Tensor:
+        """int64 [C_h] sorted absolute positions of query head h's candidates."""
+        return torch.nonzero(self.mask[h], as_tuple=False).reshape(-1)
+
+    @property
+    def num_candidates(self) -> torch.Tensor:
+        """int64 [Hq] candidates per query head."""
+        return self.mask.sum(dim=1)
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+
+
+class LouverIndex:
+    """The KV cache of one layer with a sound index over its keys (see the module docstring).
+
+    Build with :meth:`build`; the constructor is internal.
+    """
+
+    def __init__(self, num_kv_heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
+                 device: torch.device, config: IndexConfig) -> None:
+        config.validate_dims(head_dim)
+        self.config = config
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.value_dim = value_dim
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.scale = config.scale_for(head_dim)
+        self.num_keys = 0
+        self.num_indexed = 0
+        self.num_flushes = 0
+        self._cap = 0
+        self._keys = torch.empty(num_kv_heads, 0, head_dim, dtype=dtype, device=self.device)
+        self._values = torch.empty(num_kv_heads, 0, value_dim, dtype=dtype, device=self.device)
+        # per-head bounds used by the slack (running maxima over indexed keys)
+        self._kmax = torch.zeros(num_kv_heads, device=self.device)
+        self._rmax = torch.zeros(num_kv_heads, device=self.device)  # radius / residual norm
+        h = num_kv_heads
+        if config.kind is IndexKind.BALLS:
+            s = config.num_subspaces
+            self._ids = torch.empty(h, 0, s, dtype=torch.int32, device=self.device)
+            self._centers = torch.empty(h, s, 0, head_dim // s, device=self.device)
+            self._radii = torch.empty(h, s, 0, device=self.device)
+            self._num_clusters = 0
+        else:
+            groups = head_dim // config.quant_group
+            self._codes = torch.empty(h, 0, head_dim, dtype=torch.uint8, device=self.device)
+            self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
+            self._lo: torch.Tensor | None = None
+            self._step: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction / growth
+
+    @classmethod
+    def build(cls, keys: torch.Tensor, values: torch.Tensor,
+              config: IndexConfig | None = None) -> LouverIndex:
+        """Index a prefill.
+
+        Args:
+            keys: [Hkv, N, D] float16/bfloat16/float32 (N may be 0); the storage dtype and
+                device of the index are those of ``keys``.
+            values: [Hkv, N, Dv] (cast to the keys' dtype).
+            config: index parameters (defaults: IndexConfig()).
+        """
+        _check_float("keys", keys)
+        _check_float("values", values)
+        if keys.dim() != 3 or values.dim() != 3:
+            raise ValueError(f"keys and values must be 3-D [Hkv, N, D]; got {tuple(keys.shape)} "
+                             f"and {tuple(values.shape)}")
+        hkv, _, d = keys.shape
+        if hkv < 1 or d < 1 or values.shape[2] < 1:
+            raise ValueError("keys/values need at least one head and one dimension")
+        index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig())
+        index._store(keys, values)
+        index._index_upto(index.num_keys)
+        return index
+
+    @staticmethod
+    def estimate_bytes(num_kv_heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
+                       num_tokens: int, config: IndexConfig) -> int:
+        """Bytes an index over ``num_tokens`` keys allocates (K/V plus index records)."""
+        cap = LouverIndex._capacity_for(num_tokens)
+        item = torch.empty((), dtype=dtype).element_size()
+        per_key = num_kv_heads * ((head_dim + value_dim) * item
+                                  + LouverIndex.record_bytes(head_dim, config))
+        return cap * per_key
+
+    @staticmethod
+    def record_bytes(head_dim: int, config: IndexConfig) -> int:
+        """Index bytes per key and KV head, as the kernels store them (tables amortized)."""
+        if config.kind is IndexKind.BALLS:
+            # int16 ids (int32 in this reference layout) + one center and radius per cluster
+            s = config.num_subspaces
+            return 2 * s + math.ceil(s * (head_dim // s * 4 + 4) / config.cluster_size)
+        groups = head_dim // config.quant_group
+        return head_dim * config.quant_bits // 8 + 2 * groups
+
+    @staticmethod
+    def _capacity_for(n: int) -> int:
+        cap = _MIN_CAPACITY
+        while cap < n:
+            cap *= 2
+        return cap
+
+    def _grow(self, needed: int) -> None:
+        """Ensure capacity >= needed, keeping every stored key and record."""
+        if needed <= self._cap:
+            return
+        cap = self._capacity_for(needed)
+
+        def grown(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(t.shape[0], cap, *t.shape[2:], dtype=t.dtype, device=t.device)
+            out[:, : t.shape[1]] = t
+            return out
+
+        self._keys = grown(self._keys)
+        self._values = grown(self._values)
+        if self.config.kind is IndexKind.BALLS:
+            self._ids = grown(self._ids)
+        else:
+            self._codes = grown(self._codes)
+            self._err = grown(self._err)
+        self._cap = cap
+
+    def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_float("keys", keys)
+        _check_float("values", values)
+        want_k = (self.num_kv_heads, self.head_dim)
+        if keys.dim() != 3 or (keys.shape[0], keys.shape[2]) != want_k:
+            raise ValueError(f"keys must be [Hkv={self.num_kv_heads}, T, D={self.head_dim}], "
+                             f"got {tuple(keys.shape)}")
+        if values.dim() != 3 or (values.shape[0], values.shape[2]) != (
+                self.num_kv_heads, self.value_dim) or values.shape[1] != keys.shape[1]:
+            raise ValueError(f"values must be [Hkv={self.num_kv_heads}, T={keys.shape[1]}, "
+                             f"Dv={self.value_dim}], got {tuple(values.shape)}")
+        k = keys.to(device=self.device, dtype=self.dtype)
+        v = values.to(device=self.device, dtype=self.dtype)
+        if k.numel() and not bool(torch.isfinite(k).all()):
+            raise ValueError("keys contain NaN or Inf (after conversion to the storage dtype)")
+        if v.numel() and not bool(torch.isfinite(v).all()):
+            raise ValueError("values contain NaN or Inf (after conversion to the storage dtype)")
+        if k.numel() and float(k.abs().max()) > _MAX_KEY_ABS:
+            raise ValueError(f"keys have entries above {_MAX_KEY_ABS:g} in magnitude; float32 "
+                             "scores would overflow")
+        return k, v
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        k, v = self._validate_kv(keys, values)
+        t = k.shape[1]
+        self._grow(self.num_keys + t)
+        self._keys[:, self.num_keys: self.num_keys + t] = k
+        self._values[:, self.num_keys: self.num_keys + t] = v
+        self.num_keys += t
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append decode-time keys at positions [num_keys, num_keys + T).
+
+        Args:
+            keys: [Hkv, T, D]; values: [Hkv, T, Dv]; cast to the storage dtype and device.
+        The keys enter the recent buffer (attended exactly); a full buffer is flushed into the
+        index. Nothing is changed if validation fails.
+        """
+        self._store(keys, values)
+        if self.num_keys - self.num_indexed >= self.config.buffer_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Move every buffered key into the index."""
+        self._index_upto(self.num_keys)
+
+    def _index_upto(self, end: int) -> None:
+        start = self.num_indexed
+        if end <= start:
+            return
+        k = self._keys[:, start:end]
+        self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
+        if self.config.kind is IndexKind.BALLS:
+            self._encode_balls(k, start, end)
+        else:
+            self._encode_quant(k, start, end)
+        self.num_indexed = end
+        self.num_flushes += 1
+
+    def _encode_balls(self, k: torch.Tensor, start: int, end: int) -> None:
+        hkv, t, d = k.shape
+        s = self.config.num_subspaces
+        sub = k.reshape(hkv, t, s, d // s).permute(0, 2, 1, 3).reshape(hkv * s, t, d // s)
+        ids = ref.balanced_clusters(sub, self.config.cluster_size)
+        num = int(ids.max()) + 1
+        centers, radii = ref.balls_fit(sub, ids, num)
+        self._centers = torch.cat([self._centers, centers.reshape(hkv, s, num, d // s)], dim=2)
+        self._radii = torch.cat([self._radii, radii.reshape(hkv, s, num)], dim=2)
+        ids = ids.reshape(hkv, s, t).permute(0, 2, 1) + self._num_clusters
+        self._ids[:, start:end] = ids.to(torch.int32)
+        self._num_clusters += num
+        self._rmax = torch.maximum(self._rmax, radii.reshape(hkv, -1).amax(dim=1))
+
+    def _encode_quant(self, k: torch.Tensor, start: int, end: int) -> None:
+        cfg = self.config
+        if self._lo is None or self._step is None:
+            self._lo, self._step = ref.quant_fit_range(k, cfg.quant_bits)
+        codes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
+        self._codes[:, start:end] = codes
+        self._err[:, start:end] = err
+        emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=1))
+        self._rmax = torch.maximum(self._rmax, emax)
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def num_buffered(self) -> int:
+        """Keys in the recent buffer (attended exactly, not yet indexed)."""
+        return self.num_keys - self.num_indexed
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values."""
+        return self._keys.nbytes + self._values.nbytes
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes allocated for index records and tables (as the kernels store them)."""
+        per_key = self.record_bytes(self.head_dim, self.config)
+        return self._cap * self.num_kv_heads * per_key
+
+    def keys_range(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys [Hkv, end-start, D] and values [Hkv, end-start, Dv] (views)."""
+        if not 0 <= start <= end <= self.num_keys:
+            raise ValueError(f"range [{start}, {end}) outside [0, {self.num_keys})")
+        return self._keys[:, start:end], self._values[:, start:end]
+
+    # ------------------------------------------------------------------ bounds and search
+
+    def _validate_q(self, q: torch.Tensor) -> torch.Tensor:
+        _check_float("q", q)
+        if q.dim() != 2 or q.shape[1] != self.head_dim or q.shape[0] < 1 or (
+                q.shape[0] % self.num_kv_heads):
+            raise ValueError(f"q must be [Hq, D={self.head_dim}] with Hq a multiple of "
+                             f"Hkv={self.num_kv_heads}, got {tuple(q.shape)}")
+        q = q.to(self.device)
+        if not bool(torch.isfinite(q).all()):
+            raise ValueError("q contains NaN or Inf")
+        if float(q.abs().max()) > _MAX_Q_ABS:
+            raise ValueError(f"q has entries above {_MAX_Q_ABS:g} in magnitude")
+        return q
+
+    def _validate_tau(self, tau: torch.Tensor | float | list[float], hq: int) -> torch.Tensor:
+        t = torch.as_tensor(tau, dtype=torch.float32, device=self.device).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(hq)
+        if t.numel() != hq:
+            raise ValueError(f"tau must have 1 or Hq={hq} values, got {t.numel()}")
+        if bool(torch.isnan(t).any()):
+            raise ValueError("tau contains NaN")
+        return t
+
+    def bounds(self, q: torch.Tensor) -> torch.Tensor:
+        """Sound upper bounds of the float32 scores of the indexed keys.
+
+        Args:
+            q: [Hq, D] (validated).
+        Returns:
+            float32 [Hq, num_indexed]: UB >= fl32(q.k_n) for every indexed key n.
+        """
+        n = self.num_indexed
+        if self.config.kind is IndexKind.BALLS:
+            ub = ref.balls_bound(q, self._centers, self._radii, self._ids[:, :n])
+            slack = ref.balls_slack(q, self._kmax, self._rmax, self.config.num_subspaces)
+        else:
+            if n == 0 or self._lo is None or self._step is None:
+                return torch.empty(q.shape[0], 0, device=self.device)
+            ub = ref.quant_bound(q, self._codes[:, :n], self._err[:, :n], self._lo, self._step)
+            slack = ref.quant_slack(q, self._kmax, self._rmax, self._lo,
+                                    self.head_dim // self.config.quant_group)
+        return ub + slack[:, None]
+
+    def search(self, q: torch.Tensor, tau: torch.Tensor | float | list[float]) -> SearchResult:
+        """Candidates per query head: a superset of {n : fl32(q_h.k_n) >= tau_h}.
+
+        Args:
+            q: [Hq, D] float tensor; tau: float32 [Hq] (or one value for every head).
+        Returns:
+            SearchResult over all num_keys positions (buffer positions always included).
+        """
+        q = self._validate_q(q)
+        t = self._validate_tau(tau, q.shape[0])
+        mask = torch.ones(q.shape[0], self.num_keys, dtype=torch.bool, device=self.device)
+        mask[:, : self.num_indexed] = self.bounds(q) >= t[:, None]
+        return SearchResult(mask)
+
+    # ------------------------------------------------------------------ thresholds
+
+    def _probe_mask(self, ub: torch.Tensor) -> torch.Tensor:
+        """bool [Hq, num_indexed]: sinks and the keys with the largest bounds (exact scores of
+        these feed m_lo)."""
+        hq, n = ub.shape
+        probe = torch.zeros(hq, n, dtype=torch.bool, device=ub.device)
+        probe[:, : min(self.config.sink_tokens, n)] = True
+        k = min(self.config.probe_keys, n)
+        if k:
+            probe.scatter_(1, ub.topk(k, dim=1).indices, True)
+        return probe
+
+    def _choose_tau(self, policy: Policy, ub: torch.Tensor, s_idx: torch.Tensor,
+                    s_buf: torch.Tensor) -> torch.Tensor:
+        """tau float32 [Hq] for a policy, given bounds ub [Hq, n] and exact scores of the
+        indexed keys s_idx [Hq, n] (only read at positions the policy may look at) and of the
+        buffer s_buf [Hq, b]."""
+        hq, n = ub.shape
+        neg_inf = torch.full((hq,), -math.inf, device=self.device)
+        if isinstance(policy, Dense):
+            return neg_inf
+        if isinstance(policy, Fixed):
+            return policy.taus(hq).to(self.device)
+        if n == 0:
+            return neg_inf  # only the buffer: every policy attends it all
+        if isinstance(policy, TopK):
+            if policy.k >= n:
+                return neg_inf
+            top = ub.topk(policy.k, dim=1).indices
+            t0 = s_idx.gather(1, top).amin(dim=1)            # <= the true k-th largest score
+            cand = ub >= t0[:, None]                         # holds every key scoring >= t0
+            s_c = s_idx.masked_fill(~cand, -math.inf)
+            return s_c.topk(policy.k, dim=1).values[:, -1]   # the true k-th largest score
+        probe = self._probe_mask(ub)
+        m_probe = s_idx.masked_fill(~probe, -math.inf).amax(dim=1)
+        m_buf = s_buf.amax(dim=1) if s_buf.shape[1] else neg_inf
+        m_lo = torch.maximum(m_probe, m_buf)
+        if isinstance(policy, Relative):
+            return m_lo - math.log(1.0 / policy.eps) / self.scale
+        if isinstance(policy, Mass):
+            return self._mass_tau(ub, m_probe, s_buf, policy.delta)
+        raise ValueError(f"unknown policy {policy!r}")
+
+    def _mass_tau(self, ub: torch.Tensor, m_probe: torch.Tensor, s_buf: torch.Tensor,
+                  budget: float) -> torch.Tensor:
+        """tau [Hq] whose keys with bound < tau carry certified mass <= budget, relative to a
+        normalizer every such tau keeps (the buffer and the best probe key, since tau <=
+        m_probe)."""
+        z_parts = [m_probe[:, None] * self.scale]
+        if s_buf.shape[1]:
+            z_parts.append(s_buf * self.scale)
+        z_lo_log = torch.logsumexp(torch.cat(z_parts, dim=1), dim=1)
+        tau = mass_tau(ub.sort(dim=1, descending=True).values, z_lo_log, budget, self.scale)
+        return torch.minimum(tau, m_probe)
+
+    # ------------------------------------------------------------------ attention
+
+    def attend(self, q: torch.Tensor, policy: Policy) -> AttendOutput:
+        """Sparse attention of one query token under a threshold policy.
+
+        Args:
+            q: [Hq, D] float tensor (Hq a multiple of Hkv).
+            policy: Fixed, Relative, TopK, Mass or Dense.
+        Returns:
+            AttendOutput (see its docstring). Keys attended: the buffer, and every indexed key
+            with float32 score >= tau (all of them are candidates: zero false negatives).
+        """
+        q = self._validate_q(q)
+        hq = q.shape[0]
+        n, total = self.num_indexed, self.num_keys
+        s_all = ref.scores(q, self._keys[:, :total])        # exact float32 [Hq, total]
+        s_idx, s_buf = s_all[:, :n], s_all[:, n:]
+        ub = self.bounds(q)
+        tau = self._choose_tau(policy, ub, s_idx, s_buf)
+        cand, attend_idx, dropped = self._certify(ub, s_idx, s_buf, tau)
+        if isinstance(policy, Mass):
+            # Candidates scoring below tau are dropped too, so the bound-only choice of tau can
+            # exceed delta: retry with smaller budgets, and attend every key as a last resort.
+            for budget in (policy.delta / 8, policy.delta / 64, 0.0):
+                bad = dropped > policy.delta
+                if not bool(bad.any()):
+                    break
+                if budget > 0:
+                    retry = self._choose_tau(Mass(budget), ub, s_idx, s_buf)
+                else:
+                    retry = torch.full_like(tau, -math.inf)
+                tau = torch.where(bad, retry, tau)
+                cand, attend_idx, dropped = self._certify(ub, s_idx, s_buf, tau)
+        attend = torch.cat([attend_idx, torch.ones_like(s_buf, dtype=torch.bool)], dim=1)
+        out, lse = ref.masked_attention(q, self._keys[:, :total], self._values[:, :total],
+                                        attend, self.scale)
+        b = total - n
+        return AttendOutput(
+            output=out,
+            lse=lse,
+            tau=tau.float(),
+            num_candidates=cand.sum(dim=1) + b,
+            num_attended=attend.sum(dim=1),
+            dropped_mass_bound=dropped.float(),
+        )
+
+    def _certify(self, ub: torch.Tensor, s_idx: torch.Tensor, s_buf: torch.Tensor,
+                 tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates, attended indexed keys and the dropped-mass certificate for tau.
+
+        Args:
+            ub, s_idx: float32 [Hq, n] bounds and exact scores of the indexed keys;
+            s_buf: float32 [Hq, b] exact scores of the buffer; tau: float32 [Hq].
+        Returns:
+            cand bool [Hq, n] (ub >= tau), attend_idx bool [Hq, n] (cand and s >= tau), and the
+            certificate float64 [Hq]: skipped keys enter with their bound (not candidates) or
+            their exact score (candidates below tau); with P >= the true skipped sum and A the
+            attended sum, the skipped probability mass is <= P / (A + P).
+        """
+        hq, n = ub.shape
+        cand = ub >= tau[:, None]
+        attend_idx = cand & (s_idx >= tau[:, None])
+        skipped = torch.where(cand, s_idx, ub).masked_fill(attend_idx, -math.inf).double()
+        attended = torch.cat([s_idx.masked_fill(~attend_idx, -math.inf), s_buf], dim=1).double()
+        neg = torch.full((hq,), -math.inf, dtype=torch.float64, device=ub.device)
+        lse_p = torch.logsumexp(skipped * self.scale, dim=1) if n else neg
+        lse_a = torch.logsumexp(attended * self.scale, dim=1) if attended.shape[1] else neg
+        dropped = torch.sigmoid(lse_p - lse_a)
+        dropped = torch.where(torch.isneginf(lse_p), torch.zeros_like(dropped), dropped)
+        return cand, attend_idx, dropped

@@ -1,0 +1,317 @@
+"""Plain-torch implementations: the ground truth for every kernel, and the CPU backend.
+
+Every function here works on CPU and CUDA tensors, uses no Python loop per key or per cluster,
+and computes in float32 (or float64 where it says so). GPU kernels in ``louver_kernels.triton``
+must match these functions.
+
+Soundness of the bounds in floating point
+-----------------------------------------
+The contract is: every key n with fl32(q.k_n) >= tau is returned, where fl32(q.k_n) is the score
+computed in float32 from the stored key (any summation order, as any attention kernel may use).
+
+Let u = 2^-24 (float32 unit roundoff) and gamma_m = m u / (1 - m u). For vectors of length m, any
+float32 summation order gives |fl(x.y) - x.y| <= gamma_m sum_i |x_i y_i| (Higham, Thm 3.1).
+
+A bound kind computes, in float32, B(k) = fl(sum of terms) where the exact real sum T(k) of the
+terms satisfies T(k) >= q.k (proven per kind below). Then
+
+    fl32(q.k) <= q.k + gamma_D |q|.|k|  <= T(k) + gamma_D ||q|| ||k||
+    T(k)      <= B(k) + gamma_m sum |terms|
+
+so UB(k) = B(k) + slack with slack >= gamma_D ||q|| ||k|| + gamma_m sum|terms| is a sound bound
+of the float32 score. We use per head the scalars Kmax >= max_n ||k_n|| (rounded up) and bound
+sum|terms| by a per-kind quantity written next to each kind; the slack is then a per-head
+constant, multiplied by 2 for the rounding of the slack computation itself (all quantities are
+tiny compared to score gaps, so this costs no pruning). Stored float quantities that enter the
+bound (centers, scales) are used *as stored*: the radii / residual norms are computed against
+the stored, rounded values and rounded up when stored.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+U32 = 2.0 ** -24
+
+
+def gamma(m: int) -> float:
+    """gamma_m = m u / (1 - m u) for float32 (see the module docstring)."""
+    return m * U32 / (1.0 - m * U32)
+
+
+def round_up_f16(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> float16 rounded toward +inf (so the stored value is >= x). x must be >= 0."""
+    h = x.to(torch.float16)
+    below = h.float() < x
+    return torch.where(below, torch.nextafter(h, torch.full_like(h, math.inf)), h)
+
+
+def round_up_f32(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded toward +inf."""
+    f = x.to(torch.float32)
+    below = f.double() < x
+    return torch.where(below, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+
+
+def expand_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """Repeat a per-KV-head tensor [Hkv, ...] to per-query-head [Hq, ...] (GQA: h -> h // G)."""
+    group = num_q_heads // x.shape[0]
+    return x.repeat_interleave(group, dim=0)
+
+
+def scores(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Exact float32 scores q.k for every key.
+
+    Args:
+        q: [Hq, D] any float dtype.
+        keys: [Hkv, N, D] any float dtype; Hq is a multiple of Hkv.
+    Returns:
+        float32 [Hq, N].
+    """
+    hq, d = q.shape
+    hkv, n, _ = keys.shape
+    g = hq // hkv
+    qf = q.float().reshape(hkv, g, d)
+    return torch.bmm(qf, keys.float().transpose(1, 2)).reshape(hq, n)
+
+
+def masked_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     attend: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention over a subset of keys, per query head, in float32.
+
+    Args:
+        q: [Hq, D]; keys: [Hkv, N, D]; values: [Hkv, N, Dv]; any float dtypes.
+        attend: bool [Hq, N], the keys each query head attends.
+        scale: softmax scale (usually 1/sqrt(D)).
+    Returns:
+        output float32 [Hq, Dv] (zeros for a head that attends nothing) and
+        lse float32 [Hq] = logsumexp(scale * q.k) over the attended keys (-inf if none).
+    """
+    hq = q.shape[0]
+    hkv, n, dv = values.shape
+    s = scores(q, keys) * scale
+    s = s.masked_fill(~attend, -math.inf)
+    lse = torch.logsumexp(s, dim=-1) if n else torch.full((hq,), -math.inf, device=q.device)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    p = torch.exp(s - safe[:, None]).masked_fill(~attend, 0.0)
+    g = hq // hkv
+    out = torch.bmm(p.reshape(hkv, g, n), values.float()).reshape(hq, dv)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------------------------
+# BALLS: per subspace, balanced clusters with a center and a radius (the original algorithm).
+#
+# Bound: for subspace s with slice q_s and the key's cluster a_s(k), center mu, radius r >=
+# ||k_s - mu|| (computed against the stored float32 center, in float64, rounded up):
+#   q_s.k_s = q_s.mu + q_s.(k_s - mu) <= q_s.mu + ||q_s|| r        (Cauchy-Schwarz)
+# Terms: q_s.mu and ||q_s|| r per subspace; sum|terms| <= sum_s ||q_s|| (||mu|| + r)
+#   <= sqrt(S) ||q|| (Kmax + 2 Rmax)   since ||mu|| <= ||k_s|| + r for any member.
+# The products q_s.mu (D/S terms each) and ||q_s|| (D/S terms, sqrt) are themselves rounded:
+# we account with m = D + 4 S in gamma_m, which covers every float32 operation on the path.
+# ----------------------------------------------------------------------------------------------
+
+
+def balanced_clusters(x: torch.Tensor, cluster_size: int) -> torch.Tensor:
+    """Cluster ids from a balanced split tree, for a batch of point sets.
+
+    Recursively splits every group at the median of its widest coordinate until groups hold at
+    most ``cluster_size`` points. Vectorized over groups and batch (no per-cluster loop).
+
+    Args:
+        x: float [B, N, d] points (B independent sets, e.g. (head, subspace) pairs).
+        cluster_size: target points per cluster (>= 1).
+    Returns:
+        int64 [B, N] cluster ids in [0, C) with C = number of clusters per set; every id in
+        range has at least one member, and ids are the same for every set of the batch.
+    """
+    b, n, d = x.shape
+    device = x.device
+    group = torch.zeros(b, n, dtype=torch.long, device=device)
+    if n == 0:
+        return group
+    levels = max(0, math.ceil(math.log2(max(n / cluster_size, 1.0))))
+    xf = x.float()
+    batch_off = (torch.arange(b, device=device) * (1 << levels))[:, None]
+    for level in range(levels):
+        ngroups = 1 << level
+        gid = (group + batch_off // (1 << (levels - level))).reshape(-1)  # global group id
+        total = b * ngroups
+        flat = xf.reshape(-1, d)
+        lo = torch.full((total, d), math.inf, device=device).scatter_reduce(
+            0, gid[:, None].expand(-1, d), flat, "amin")
+        hi = torch.full((total, d), -math.inf, device=device).scatter_reduce(
+            0, gid[:, None].expand(-1, d), flat, "amax")
+        widest = (hi - lo).argmax(dim=1)  # [total]
+        coord = flat.gather(1, widest[gid][:, None]).squeeze(1)
+        # rank of each point within its group along the widest coordinate
+        order = torch.argsort(coord, stable=True)
+        order = order[torch.argsort(gid[order], stable=True)]
+        counts = torch.bincount(gid, minlength=total)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(gid)
+        rank[order] = torch.arange(gid.numel(), device=device) - starts[gid[order]]
+        upper = (rank >= (counts[gid] + 1) // 2).long()
+        group = (group * 2 + upper.reshape(b, n))
+    return group
+
+
+def balls_fit(keys_sub: torch.Tensor, ids: torch.Tensor, num_clusters: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centers and sound radii for given cluster assignments.
+
+    Args:
+        keys_sub: float [B, N, d] points; ids: int64 [B, N] in [0, num_clusters).
+    Returns:
+        centers float32 [B, C, d] (the mean of the members; empty clusters get 0) and
+        radii float32 [B, C] >= max over members of ||x - center|| computed in float64 against
+        the stored float32 center, rounded up to float32.
+    """
+    b, n, d = keys_sub.shape
+    xd = keys_sub.double()
+    sums = torch.zeros(b, num_clusters, d, dtype=torch.float64, device=xd.device)
+    sums.scatter_add_(1, ids[..., None].expand(-1, -1, d), xd)
+    cnt = torch.zeros(b, num_clusters, dtype=torch.float64, device=xd.device)
+    cnt.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
+    centers = (sums / cnt.clamp_min(1.0)[..., None]).float()
+    dist = (xd - centers.double().gather(1, ids[..., None].expand(-1, -1, d))).norm(dim=-1)
+    rad = torch.zeros(b, num_clusters, dtype=torch.float64, device=xd.device)
+    rad.scatter_reduce_(1, ids, dist, "amax")
+    return centers, round_up_f32(rad)
+
+
+def balls_bound(q: torch.Tensor, centers: torch.Tensor, radii: torch.Tensor, ids: torch.Tensor
+                ) -> torch.Tensor:
+    """Upper bounds of q.k (before slack) from subspace clusters.
+
+    Args:
+        q: [Hq, D]; centers: float32 [Hkv, S, C, D/S]; radii: float32 [Hkv, S, C];
+        ids: int [Hkv, N, S] cluster of each key in each subspace.
+    Returns:
+        float32 [Hq, N]: sum_s q_s.mu_{s,a_s(k)} + ||q_s|| r_{s,a_s(k)}.
+    """
+    hq, d = q.shape
+    hkv, s_, c, ds = centers.shape
+    n = ids.shape[1]
+    g = hq // hkv
+    qs = q.float().reshape(hkv, g, s_, ds)
+    qn = qs.norm(dim=-1)  # [Hkv, G, S]
+    # per (kv head, q head, subspace, cluster): q_s.mu + ||q_s|| r
+    table = torch.einsum("hgsd,hscd->hgsc", qs, centers) + qn[..., None] * radii[:, None]
+    idx = ids.long().permute(0, 2, 1)  # [Hkv, S, N]
+    gathered = table.gather(3, idx[:, None].expand(-1, g, -1, -1))  # [Hkv, G, S, N]
+    return gathered.sum(dim=2).reshape(hq, n)
+
+
+def balls_slack(q: torch.Tensor, kmax: torch.Tensor, rmax: torch.Tensor, num_subspaces: int
+                ) -> torch.Tensor:
+    """Per-query-head slack [Hq] that makes balls_bound sound for float32 scores.
+
+    kmax, rmax: float32 [Hkv] upper bounds of key norms and of radii.
+    """
+    hq, d = q.shape
+    qn = q.float().double().norm(dim=-1)
+    km = expand_heads(kmax.double(), hq)
+    rm = expand_heads(rmax.double(), hq)
+    m = d + 4 * num_subspaces
+    total = gamma(d) * qn * km + gamma(m) * math.sqrt(num_subspaces) * qn * (km + 2 * rm)
+    return (2.0 * total).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# QUANT: per (KV head, channel) affine codes k^_d = lo_d + step_d c_d, c_d in [0, 2^bits - 1],
+# plus per key and group of channels the exact residual norm e_g >= ||k_g - k^_g|| (computed in
+# float64 against the dequantized float32 value as the bound computes it, rounded up to float16).
+#
+# Here k^ is the exact real value lo + step c (computed in float64, where it is exact), not a
+# float32 rounding of it, so the residual norm is against what the bound's arithmetic means.
+#
+# Bound: q.k = q.k^ + q.(k - k^) <= q.k^ + sum_g ||q_g|| e_g        (Cauchy-Schwarz per group)
+# computed as sum_d fl(q_d step_d) c_d + sum_d q_d lo_d + sum_g ||q_g|| e_g in float32: 2D + G
+# terms, each of at most three rounded factors. sum|terms| <= ||q|| (||step c|| + ||lo|| + ||e||)
+# <= ||q|| (Kmax + 2 Emax + 2 Lmax) with Emax >= ||e_n||, Lmax >= ||lo|| (||step c|| = ||k^ - lo||
+# <= ||k|| + ||e|| + ||lo||). m = 2D + 2G + 4 covers the products, the sum and the norms.
+# ----------------------------------------------------------------------------------------------
+
+
+def quant_fit_range(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (head, channel) quantization range from a set of keys.
+
+    Args:
+        keys: [Hkv, N, D] (N >= 1).
+    Returns:
+        lo float32 [Hkv, D] and step float32 [Hkv, D] (> 0).
+    """
+    kf = keys.float()
+    lo = kf.amin(dim=1)
+    hi = kf.amax(dim=1)
+    levels = (1 << bits) - 1
+    step = ((hi - lo) / levels).clamp_min(1e-8)
+    return lo, step
+
+
+def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
+                 group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and rounded-up residual norms of keys.
+
+    Args:
+        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D.
+    Returns:
+        codes uint8 [Hkv, N, D] (values < 2^bits; packing is a storage detail of the kernels)
+        and err float16 [Hkv, N, D/group] >= ||k_g - k^_g||.
+    """
+    hkv, n, d = keys.shape
+    levels = (1 << bits) - 1
+    kf = keys.float()
+    codes = torch.round((kf - lo[:, None]) / step[:, None]).clamp(0, levels)
+    deq = lo.double()[:, None] + step.double()[:, None] * codes.double()  # exact
+    resid = (keys.double() - deq).reshape(hkv, n, d // group, group).norm(dim=-1)
+    return codes.to(torch.uint8), round_up_f16(round_up_f32(resid))
+
+
+def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
+                step: torch.Tensor) -> torch.Tensor:
+    """Upper bounds of q.k (before slack) from quantized keys.
+
+    Args:
+        q: [Hq, D]; codes: uint8 [Hkv, N, D]; err: float16 [Hkv, N, G];
+        lo, step: float32 [Hkv, D].
+    Returns:
+        float32 [Hq, N]: q.k^ + sum_g ||q_g|| e_g.
+    """
+    hq, d = q.shape
+    hkv, n, ng = err.shape
+    g = hq // hkv
+    qf = q.float().reshape(hkv, g, d)
+    qstep = qf * step[:, None]                                  # [Hkv, G, D]
+    base = (qf * lo[:, None]).sum(-1)                           # [Hkv, G]
+    dot = torch.bmm(qstep, codes.float().transpose(1, 2))       # [Hkv, G, N]
+    qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)           # [Hkv, G, Gr]
+    corr = torch.bmm(qn, err.float().transpose(1, 2))           # [Hkv, G, N]
+    return (dot + base[..., None] + corr).reshape(hq, n)
+
+
+def quant_slack(q: torch.Tensor, kmax: torch.Tensor, emax: torch.Tensor, lo: torch.Tensor,
+                groups: int) -> torch.Tensor:
+    """Per-query-head slack [Hq] that makes quant_bound sound for float32 scores.
+
+    kmax, emax: float32 [Hkv] upper bounds of key norms and of residual norms (over groups:
+    ||e_n||_2); lo: float32 [Hkv, D] quantization offsets.
+    """
+    hq, d = q.shape
+    qn = q.float().double().norm(dim=-1)
+    km = expand_heads(kmax.double(), hq)
+    em = expand_heads(emax.double(), hq)
+    lm = expand_heads(lo.double().norm(dim=-1), hq)
+    m = 2 * d + 2 * groups + 4
+    total = gamma(d) * qn * km + gamma(m) * qn * (km + 2 * em + 2 * lm)
+    return (2.0 * total).float()
+
+
+def key_norm_max(keys: torch.Tensor) -> torch.Tensor:
+    """float32 [Hkv] >= max_n ||k_n|| (computed in float64, rounded up); 0 for no keys."""
+    if keys.shape[1] == 0:
+        return torch.zeros(keys.shape[0], device=keys.device)
+    return round_up_f32(keys.double().norm(dim=-1).amax(dim=1))

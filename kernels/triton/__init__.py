@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Each module holds one operation and is checked against reference.py."""
