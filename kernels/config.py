@@ -27,7 +27,9 @@ class IndexConfig:
         num_subspaces: BALLS: number of contiguous slices of the head dim (divides D).
         cluster_size: BALLS: target number of keys per cluster (>= 1).
         buffer_size: recent tokens attended exactly before being indexed (>= 1).
-        quant_bits: QUANT: 4 or 8 bits per channel code.
+        quant_bits: QUANT: bits per channel code (2..8), stored as bit planes.
+        quant_coarse_bits: QUANT: planes read by the kernels' first pass (1..quant_bits); keys
+            whose coarse bound reaches tau have their remaining planes read.
         quant_group: QUANT: channels per residual-norm group (divides D).
         sink_tokens: first positions whose exact score always feeds the threshold's m_lo.
         probe_keys: keys with the largest bound whose exact score also feeds m_lo.
@@ -38,7 +40,8 @@ class IndexConfig:
     num_subspaces: int = 4
     cluster_size: int = 4
     buffer_size: int = 256
-    quant_bits: int = 8
+    quant_bits: int = 7
+    quant_coarse_bits: int | None = None
     quant_group: int = 16
     sink_tokens: int = 4
     probe_keys: int = 16
@@ -59,8 +62,14 @@ class IndexConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"IndexConfig.{name} must be an integer >= 0, got {value!r}")
-        if self.quant_bits not in (4, 8):
-            raise ValueError(f"IndexConfig.quant_bits must be 4 or 8, got {self.quant_bits!r}")
+        if not (isinstance(self.quant_bits, int) and 2 <= self.quant_bits <= 8):
+            raise ValueError(f"IndexConfig.quant_bits must be in 2..8, got {self.quant_bits!r}")
+        if self.quant_coarse_bits is None:
+            object.__setattr__(self, "quant_coarse_bits", min(4, self.quant_bits))
+        if not (isinstance(self.quant_coarse_bits, int)
+                and 1 <= self.quant_coarse_bits <= self.quant_bits):
+            raise ValueError(f"IndexConfig.quant_coarse_bits must be in 1..quant_bits, got "
+                             f"{self.quant_coarse_bits!r}")
         if self.softmax_scale is not None and not (
             math.isfinite(self.softmax_scale) and self.softmax_scale > 0
         ):
@@ -73,8 +82,9 @@ class IndexConfig:
             raise ValueError(f"head_dim must be >= 1, got {head_dim}")
         if self.kind is IndexKind.BALLS and head_dim % self.num_subspaces:
             raise ValueError(f"num_subspaces={self.num_subspaces} must divide head_dim={head_dim}")
-        if self.kind is IndexKind.QUANT and head_dim % self.quant_group:
-            raise ValueError(f"quant_group={self.quant_group} must divide head_dim={head_dim}")
+        if self.kind is IndexKind.QUANT and (head_dim % self.quant_group or head_dim % 8):
+            raise ValueError(f"quant_group={self.quant_group} and 8 must divide "
+                             f"head_dim={head_dim}")
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale used for keys of dimension ``head_dim``."""

@@ -12,7 +12,7 @@ Index records per kind (fixed width per key, so a GPU kernel reads them coalesce
 
     BALLS  ids     int32 [Hkv, cap, S]          cluster of the key in each subspace
            centers float32 [Hkv, S, Ccap, D/S]  radii float32 [Hkv, S, Ccap]
-    QUANT  codes   uint8 [Hkv, cap, D]          (bits per code: 4 or 8; packed by the kernels)
+    QUANT  planes  uint8 [Hkv, cap, bits, D/8]  bit planes of the codes, most significant first
            err     float16 [Hkv, cap, D/group]  residual norm per group, rounded up
            lo, step float32 [Hkv, D]            per-channel affine range, fixed at the first build
 
@@ -123,7 +123,8 @@ class LouverIndex:
             self._num_clusters = 0
         else:
             groups = head_dim // config.quant_group
-            self._codes = torch.empty(h, 0, head_dim, dtype=torch.uint8, device=self.device)
+            self._planes = torch.empty(h, 0, config.quant_bits, head_dim // 8, dtype=torch.uint8,
+                                       device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
             self._lo: torch.Tensor | None = None
             self._step: torch.Tensor | None = None
@@ -197,7 +198,7 @@ class LouverIndex:
         if self.config.kind is IndexKind.BALLS:
             self._ids = grown(self._ids)
         else:
-            self._codes = grown(self._codes)
+            self._planes = grown(self._planes)
             self._err = grown(self._err)
         self._cap = cap
 
@@ -279,8 +280,8 @@ class LouverIndex:
         cfg = self.config
         if self._lo is None or self._step is None:
             self._lo, self._step = ref.quant_fit_range(k, cfg.quant_bits)
-        codes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
-        self._codes[:, start:end] = codes
+        planes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
+        self._planes[:, start:end] = planes
         self._err[:, start:end] = err
         emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=1))
         self._rmax = torch.maximum(self._rmax, emax)
@@ -334,11 +335,13 @@ class LouverIndex:
             raise ValueError("tau contains NaN")
         return t
 
-    def bounds(self, q: torch.Tensor) -> torch.Tensor:
+    def bounds(self, q: torch.Tensor, top: int | None = None) -> torch.Tensor:
         """Sound upper bounds of the float32 scores of the indexed keys.
 
         Args:
             q: [Hq, D] (validated).
+            top: QUANT only: bound from the top ``top`` bit planes (the coarse first pass of
+                the kernels); None: every plane (the tightest bound).
         Returns:
             float32 [Hq, num_indexed]: UB >= fl32(q.k_n) for every indexed key n.
         """
@@ -349,7 +352,8 @@ class LouverIndex:
         else:
             if n == 0 or self._lo is None or self._step is None:
                 return torch.empty(q.shape[0], 0, device=self.device)
-            ub = ref.quant_bound(q, self._codes[:, :n], self._err[:, :n], self._lo, self._step)
+            ub = ref.quant_bound(q, self._planes[:, :n], self._err[:, :n], self._lo, self._step,
+                                 self.config.quant_bits, top)
             slack = ref.quant_slack(q, self._kmax, self._rmax, self._lo,
                                     self.head_dim // self.config.quant_group)
         return ub + slack[:, None]

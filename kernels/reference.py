@@ -221,18 +221,24 @@ def balls_slack(q: torch.Tensor, kmax: torch.Tensor, rmax: torch.Tensor, num_sub
 
 
 # ----------------------------------------------------------------------------------------------
-# QUANT: per (KV head, channel) affine codes k^_d = lo_d + step_d c_d, c_d in [0, 2^bits - 1],
-# plus per key and group of channels the exact residual norm e_g >= ||k_g - k^_g|| (computed in
-# float64 against the dequantized float32 value as the bound computes it, rounded up to float16).
+# QUANT: per (KV head, channel) affine codes k^_d = lo_d + step_d c_d, c_d in [0, 2^b - 1],
+# stored as b bit planes (most significant first, 8 channels per byte), plus per key and group
+# of channels the exact residual norm e_g >= ||k_g - k^_g||, computed in float64 against the exact
+# real value lo + step c and rounded up to float16.
 #
-# Here k^ is the exact real value lo + step c (computed in float64, where it is exact), not a
-# float32 rounding of it, so the residual norm is against what the bound's arithmetic means.
+# Full bound: q.k = q.k^ + q.(k - k^) <= q.k^ + sum_g ||q_g|| e_g       (Cauchy-Schwarz per group)
+# computed as sum_d fl(q_d step_d) c_d + sum_d q_d lo_d + sum_g ||q_g|| e_g in float32.
 #
-# Bound: q.k = q.k^ + q.(k - k^) <= q.k^ + sum_g ||q_g|| e_g        (Cauchy-Schwarz per group)
-# computed as sum_d fl(q_d step_d) c_d + sum_d q_d lo_d + sum_g ||q_g|| e_g in float32: 2D + G
-# terms, each of at most three rounded factors. sum|terms| <= ||q|| (||step c|| + ||lo|| + ||e||)
-# <= ||q|| (Kmax + 2 Emax + 2 Lmax) with Emax >= ||e_n||, Lmax >= ||lo|| (||step c|| = ||k^ - lo||
-# <= ||k|| + ||e|| + ||lo||). m = 2D + 2G + 4 covers the products, the sum and the norms.
+# Coarse bound from the top p planes only (what a first kernel pass reads): with
+# c = 2^(b-p) t + u, u in [0, 2^(b-p) - 1], let M = (2^(b-p) - 1) / 2 and k1 = lo + step (2^(b-p) t
+# + M). Then |k^_d - k1_d| <= step_d M, so
+#   q.k <= q.k1 + sum_d |q_d| step_d M + sum_g ||q_g|| e_g     (>= the full bound, term by term).
+#
+# Rounding: both are float32 sums of at most 3D + G terms, each with at most three rounded
+# factors; sum|terms| <= ||q|| (||step c|| + ||lo|| + ||e||) + sum |q_d| step_d (2^(b-p) - 1) <=
+# ||q|| (2 Kmax + 3 Emax + 3 Lmax) since ||step c|| <= ||k|| + ||e|| + ||lo|| and
+# ||step (2^(b-p) - 1)|| <= ||step c_max|| <= Kmax + Emax + 2 Lmax for a range fitted on the keys.
+# m = 3D + 2G + 8 covers the products, the sums and the norms.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -252,50 +258,87 @@ def quant_fit_range(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return lo, step
 
 
+def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bit planes of codes: uint8 [..., D] (values < 2^bits) -> uint8 [..., bits, D/8].
+
+    Plane j holds bit (bits - 1 - j) of every code (most significant plane first); channel
+    8i + k is bit k of byte i. D must be a multiple of 8.
+    """
+    *lead, d = codes.shape
+    c = codes.to(torch.int32)
+    shifts = torch.arange(bits - 1, -1, -1, device=codes.device, dtype=torch.int32)
+    planes = (c[..., None, :] >> shifts[:, None]) & 1                  # [..., bits, D]
+    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
+    packed = (planes.reshape(*lead, bits, d // 8, 8) * weights).sum(-1)
+    return packed.to(torch.uint8)
+
+
+def unpack_planes(planes: torch.Tensor, bits: int, top: int | None = None) -> torch.Tensor:
+    """Codes from bit planes: uint8 [..., bits, D/8] -> int32 [..., D].
+
+    With ``top`` = p < bits, returns the code of the top p planes only (c >> (bits - p)).
+    """
+    p = bits if top is None else top
+    *lead, _, nbytes = planes.shape
+    x = planes[..., :p, :].to(torch.int32)
+    bitpos = torch.arange(8, device=planes.device, dtype=torch.int32)
+    b = (x[..., None] >> bitpos) & 1                                     # [..., p, D/8, 8]
+    b = b.reshape(*lead, p, nbytes * 8)
+    weights = (1 << torch.arange(p - 1, -1, -1, device=planes.device, dtype=torch.int32))
+    return (b * weights[:, None]).sum(dim=-2)
+
+
 def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
                  group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and rounded-up residual norms of keys.
+    """Bit-plane codes and rounded-up residual norms of keys.
 
     Args:
-        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D.
+        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D; D % 8 == 0.
     Returns:
-        codes uint8 [Hkv, N, D] (values < 2^bits; packing is a storage detail of the kernels)
-        and err float16 [Hkv, N, D/group] >= ||k_g - k^_g||.
+        planes uint8 [Hkv, N, bits, D/8] (see pack_planes) and err float16 [Hkv, N, D/group]
+        >= ||k_g - (lo + step c)_g||. Keys outside the range get clamped codes; their residual
+        norm absorbs the difference, so the bound stays sound.
     """
     hkv, n, d = keys.shape
     levels = (1 << bits) - 1
-    kf = keys.float()
-    codes = torch.round((kf - lo[:, None]) / step[:, None]).clamp(0, levels)
+    codes = torch.round((keys.float() - lo[:, None]) / step[:, None]).clamp(0, levels)
     deq = lo.double()[:, None] + step.double()[:, None] * codes.double()  # exact
     resid = (keys.double() - deq).reshape(hkv, n, d // group, group).norm(dim=-1)
-    return codes.to(torch.uint8), round_up_f16(round_up_f32(resid))
+    return pack_planes(codes.to(torch.uint8), bits), round_up_f16(round_up_f32(resid))
 
 
-def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
-                step: torch.Tensor) -> torch.Tensor:
+def quant_bound(q: torch.Tensor, planes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
+                step: torch.Tensor, bits: int, top: int | None = None) -> torch.Tensor:
     """Upper bounds of q.k (before slack) from quantized keys.
 
     Args:
-        q: [Hq, D]; codes: uint8 [Hkv, N, D]; err: float16 [Hkv, N, G];
-        lo, step: float32 [Hkv, D].
+        q: [Hq, D]; planes: uint8 [Hkv, N, bits, D/8]; err: float16 [Hkv, N, G];
+        lo, step: float32 [Hkv, D]; top: planes read (None: all = the full bound; p < bits:
+        the coarse bound of the module comment).
     Returns:
-        float32 [Hq, N]: q.k^ + sum_g ||q_g|| e_g.
+        float32 [Hq, N].
     """
     hq, d = q.shape
     hkv, n, ng = err.shape
     g = hq // hkv
+    p = bits if top is None else top
+    shift = 1 << (bits - p)
+    half = (shift - 1) / 2.0
     qf = q.float().reshape(hkv, g, d)
-    qstep = qf * step[:, None]                                  # [Hkv, G, D]
-    base = (qf * lo[:, None]).sum(-1)                           # [Hkv, G]
-    dot = torch.bmm(qstep, codes.float().transpose(1, 2))       # [Hkv, G, N]
-    qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)           # [Hkv, G, Gr]
-    corr = torch.bmm(qn, err.float().transpose(1, 2))           # [Hkv, G, N]
-    return (dot + base[..., None] + corr).reshape(hq, n)
+    qstep = qf * (step * shift)[:, None]                                  # [Hkv, G, D]
+    base = (qf * (lo + step * half)[:, None]).sum(-1)                     # [Hkv, G]
+    box = (qf.abs() * step[:, None]).sum(-1) * half                       # [Hkv, G]
+    codes = unpack_planes(planes, bits, p).float()                        # [Hkv, N, D]
+    dot = torch.bmm(qstep, codes.transpose(1, 2))                         # [Hkv, G, N]
+    qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)                     # [Hkv, G, Gr]
+    corr = torch.bmm(qn, err.float().transpose(1, 2))                     # [Hkv, G, N]
+    return (dot + (base + box)[..., None] + corr).reshape(hq, n)
 
 
 def quant_slack(q: torch.Tensor, kmax: torch.Tensor, emax: torch.Tensor, lo: torch.Tensor,
                 groups: int) -> torch.Tensor:
-    """Per-query-head slack [Hq] that makes quant_bound sound for float32 scores.
+    """Per-query-head slack [Hq] that makes quant_bound (full or coarse) sound for float32
+    scores.
 
     kmax, emax: float32 [Hkv] upper bounds of key norms and of residual norms (over groups:
     ||e_n||_2); lo: float32 [Hkv, D] quantization offsets.
@@ -305,8 +348,8 @@ def quant_slack(q: torch.Tensor, kmax: torch.Tensor, emax: torch.Tensor, lo: tor
     km = expand_heads(kmax.double(), hq)
     em = expand_heads(emax.double(), hq)
     lm = expand_heads(lo.double().norm(dim=-1), hq)
-    m = 2 * d + 2 * groups + 4
-    total = gamma(d) * qn * km + gamma(m) * qn * (km + 2 * em + 2 * lm)
+    m = 3 * d + 2 * groups + 8
+    total = gamma(d) * qn * km + gamma(m) * qn * (2 * km + 3 * em + 3 * lm)
     return (2.0 * total).float()
 
 

@@ -149,7 +149,8 @@ def index_config_to_proto(config: IndexConfig) -> pb.IndexParams:
     """Encode the wire-visible part of an IndexConfig."""
     return pb.IndexParams(kind=_KIND_TO_PB[config.kind], num_subspaces=config.num_subspaces,
                           cluster_size=config.cluster_size, buffer_size=config.buffer_size,
-                          quant_bits=config.quant_bits, quant_group=config.quant_group)
+                          quant_bits=config.quant_bits, quant_group=config.quant_group,
+                          quant_coarse_bits=config.quant_coarse_bits)
 
 
 def index_config_from_proto(msg: pb.IndexParams, default: IndexConfig,
@@ -164,6 +165,7 @@ def index_config_from_proto(msg: pb.IndexParams, default: IndexConfig,
         "buffer_size": msg.buffer_size or default.buffer_size,
         "quant_bits": msg.quant_bits or default.quant_bits,
         "quant_group": msg.quant_group or default.quant_group,
+        "quant_coarse_bits": msg.quant_coarse_bits or None,
         "sink_tokens": default.sink_tokens,
         "probe_keys": default.probe_keys,
         "softmax_scale": default.softmax_scale,

@@ -221,7 +221,7 @@ def test_bad_input_raises_value_error(bad) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="nope"), dict(num_subspaces=0),
-                                    dict(quant_bits=3), dict(buffer_size=0),
+                                    dict(quant_bits=9), dict(quant_bits=4, quant_coarse_bits=5), dict(buffer_size=0),
                                     dict(softmax_scale=-1.0)])
 def test_bad_config(kwargs) -> None:
     with pytest.raises(ValueError):
@@ -232,3 +232,34 @@ def test_config_must_divide_head_dim() -> None:
     with pytest.raises(ValueError):
         LouverIndex.build(torch.randn(1, 4, 10), torch.randn(1, 4, 10),
                           IndexConfig(num_subspaces=4))
+
+
+@PROFILE
+@given(bits=st.integers(2, 8), kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES),
+       n=st.integers(1, 200), seed=st.integers(0, 2**31))
+def test_coarse_quant_bounds_are_sound_and_ordered(bits, kind, dtype, n, seed) -> None:
+    """The kernels' first pass reads only the top planes: its bound must be sound too, and
+    never below the full bound (so skipping on it never drops a candidate)."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = make_keys(kind, 2, n, 32, dtype, gen)
+    index = LouverIndex.build(keys, keys.clone(),
+                              IndexConfig(kind=IndexKind.QUANT, quant_bits=bits, quant_group=8))
+    q = make_keys("random", 6, 1, 32, dtype, gen).reshape(6, 32)
+    s = all_scores(index, q)
+    full = index.bounds(q)
+    assert bool((full >= s).all())
+    for top in range(1, bits + 1):
+        coarse = index.bounds(q, top=top)
+        assert bool((coarse >= s).all()), top
+        assert bool((coarse >= full - 1e-3 * full.abs().clamp_min(1)).all()), top
+
+
+def test_bit_planes_roundtrip() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for bits in range(1, 9):
+        codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen).to(torch.uint8)
+        planes = ref.pack_planes(codes, bits)
+        assert planes.shape == (3, 5, bits, 8)
+        assert torch.equal(ref.unpack_planes(planes, bits), codes.int())
+        for top in range(1, bits + 1):
+            assert torch.equal(ref.unpack_planes(planes, bits, top), codes.int() >> (bits - top))

@@ -1,0 +1,511 @@
+"""Decode-time sparse attention over gathered candidates plus the recent buffer (split-K).
+
+One launch computes, for every query head h of one decode step,
+
+    attended(h) = {n in cand(h // G) : fl32(q_h . k_n) >= tau_h} U [buffer_start, buffer_end)
+    out[h]  = softmax(scale * q_h . K[attended]) @ V[attended]        float32 [Hq, Dv]
+    lse[h]  = logsumexp(scale * q_h . k_n over attended)              float32 [Hq]
+    num_attended[h] = |attended(h)|
+
+``kernels/reference.py::masked_attention`` is the ground truth (with the attend mask built from
+the same rule).
+
+Work decomposition ("flash-decoding")
+-------------------------------------
+For KV head ``kh`` the kernel walks a *virtual candidate list* of T = C + B entries: the C
+candidate positions (``cand_pos[kh, :cand_count[kh]]`` in sparse mode, ``0 .. dense_end-1`` in
+dense mode), filtered by tau, followed by the B = buffer_end - buffer_start buffer positions,
+attended unconditionally. The list is cut into blocks of BLOCK_N entries and the blocks into
+``num_splits`` contiguous ranges, one program per (KV head, split). The split of the blocks is
+computed on the device from the actual count T, so the work stays balanced whatever the padding
+of ``cand_pos`` (maxC only sizes the grid).
+
+A program loads each K row once for all G query heads of its group (GQA), computes exact
+float32 scores by broadcast-multiply-sum (no tensor cores: the score must be the float32 dot
+product the index's bounds are proven against; tl.dot would pad G to 16 rows and waste 4x the
+FMAs for G = 4), masks with tau and the buffer rule, and runs an online softmax in float32. V rows
+are loaded only for keys that at least one head of the group attends (masked loads move no
+bytes), so the V traffic follows the attended keys, not the candidates.
+
+Combine. Each program writes its partial (m, l, acc, count) to a workspace, then takes a ticket
+from a per-KV-head arrival counter (atomic add, acq_rel, GPU scope, after a CTA barrier so the
+whole partial is released). The program that draws the last ticket merges the partials of its
+KV head and writes the outputs, then resets the counter to zero for the next launch. This keeps
+the operation a single launch (a Triton launch costs ~20 us of host time eagerly and a kernel
+boundary ~2 us inside a CUDA graph, both large against a 10-50 us decode step) and needs no
+memset: counters live in a cached per-(device, stream) buffer that is zero at creation and left
+zero by every launch. Launches on one stream are ordered, so they never share a counter
+concurrently; launches on different streams use different counters.
+
+No host synchronization, no ``.item()``, no data-dependent control flow on the host: the grid
+depends only on shapes (maxC, cap) and on Python ints. ``dense_end``, ``buffer_start`` and
+``buffer_end`` may be device tensors (read in the kernel), which makes the launch capturable once
+in a CUDA graph and replayable at every decode step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["sparse_attention"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_bound(ptr, value, ON_DEVICE: tl.constexpr):
+    """A position bound: from a 1-element device tensor when ON_DEVICE, else the scalar."""
+    if ON_DEVICE:
+        return tl.load(ptr).to(tl.int32)
+    else:
+        return value
+
+
+@triton.jit
+def _sparse_attention_kernel(
+    q_ptr, k_ptr, v_ptr, tau_ptr,
+    cand_pos_ptr, cand_count_ptr,
+    dense_end_ptr, buf_start_ptr, buf_end_ptr,
+    ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, counter_ptr,
+    out_ptr, lse_ptr, natt_ptr,
+    scale,
+    dense_end, buf_start, buf_end,
+    cap, max_c, num_splits,
+    stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, R: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
+    DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
+    BUF_END_ON_DEVICE: tl.constexpr,
+):
+    kh = tl.program_id(0)
+    split = tl.program_id(1)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    NR: tl.constexpr = BLOCK_N // R
+
+    # ---- extent of this KV head's virtual candidate list (clamped: never trust the inputs) ----
+    b_start = _load_bound(buf_start_ptr, buf_start, BUF_START_ON_DEVICE)
+    b_end = _load_bound(buf_end_ptr, buf_end, BUF_END_ON_DEVICE)
+    b_start = tl.minimum(tl.maximum(b_start, 0), cap)
+    b_end = tl.minimum(tl.maximum(b_end, b_start), cap)
+    if SPARSE:
+        n_cand = tl.load(cand_count_ptr + kh).to(tl.int32)
+        n_cand = tl.minimum(tl.maximum(n_cand, 0), max_c)
+    else:
+        n_cand = _load_bound(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
+        n_cand = tl.minimum(tl.maximum(n_cand, 0), b_start)
+    total = n_cand + (b_end - b_start)
+    n_blocks = tl.cdiv(total, BLOCK_N)
+    per_split = tl.cdiv(n_blocks, num_splits)
+    blk_lo = split * per_split
+    blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
+
+    # ---- the G query heads of this KV head: one register set per head (a tuple) ----
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    qs = ()
+    taus = ()
+    ms = ()
+    ls = ()
+    cs = ()
+    accs = ()
+    for g in tl.static_range(G):
+        qs = qs + (tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float32),)
+        taus = taus + (tl.load(tau_ptr + kh * G + g),)
+        ms = ms + (tl.full([R], float("-inf"), tl.float32),)
+        ls = ls + (tl.zeros([R], tl.float32),)
+        cs = cs + (tl.zeros([R], tl.int32),)
+        accs = accs + (tl.zeros([R, DV], tl.float32),)
+
+    k_base = k_ptr + kh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kh.to(tl.int64) * stride_vh
+    c_base = cand_pos_ptr + kh.to(tl.int64) * stride_ch
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # Rows of a [BLOCK_N, *] tile are spread over R = (threads per column) x (warps) lanes and
+    # repeated in registers; viewed as [BLOCK_N // R, R, *], axis 0 lives inside each thread.
+    # The softmax state is kept per lane (m, l, acc of shape [R], [R], [R, DV]), so the loop
+    # body reduces over rows without any cross-thread traffic; lanes are merged once at the end.
+    blk = blk_lo
+    while blk < blk_hi:
+        idx = blk * BLOCK_N + offs_n
+        is_cand = idx < n_cand
+        if SPARSE:
+            pos = tl.load(c_base + idx, mask=is_cand, other=0)
+        else:
+            pos = idx
+        pos = tl.where(is_cand, pos, b_start + (idx - n_cand))
+        # candidates outside [0, buffer_start) (a caller bug) are skipped, never read
+        row_ok = (idx < total) & tl.where(is_cand, (pos >= 0) & (pos < b_start), True)
+        pos64 = pos.to(tl.int64)
+
+        k = tl.load(k_base + pos64[:, None] * stride_kn + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        xs = ()
+        any_att = row_ok & False
+        new_cs = ()
+        for g in tl.static_range(G):
+            s = tl.sum(k * qs[g][None, :], axis=1)              # [BLOCK_N] exact fp32 q.k
+            att = ((s >= taus[g]) | (~is_cand)) & row_ok
+            any_att = any_att | att
+            xs = xs + (tl.where(att, s * scale, float("-inf")),)
+            new_cs = new_cs + (cs[g] + tl.sum(tl.reshape(att.to(tl.int32), [NR, R]), axis=0),)
+        cs = new_cs
+        # V rows only for keys some head attends (masked-off rows move no bytes)
+        v = tl.load(v_base + pos64[:, None] * stride_vn + offs_dv[None, :],
+                    mask=any_att[:, None], other=0.0).to(tl.float32)
+        v3 = tl.reshape(v, [NR, R, DV])
+        new_ms = ()
+        new_ls = ()
+        new_accs = ()
+        for g in tl.static_range(G):
+            x = tl.reshape(xs[g], [NR, R])
+            m_new = tl.maximum(ms[g], tl.max(x, axis=0))         # [R]
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((ms[g] - m_use) * LOG2E)
+            p = tl.exp2((x - m_use[None, :]) * LOG2E)            # 0 where not attended
+            new_ls = new_ls + (ls[g] * alpha + tl.sum(p, axis=0),)
+            new_accs = new_accs + (accs[g] * alpha[:, None] + tl.sum(p[:, :, None] * v3, axis=0),)
+            new_ms = new_ms + (m_new,)
+        ms = new_ms
+        ls = new_ls
+        accs = new_accs
+        blk += 1
+
+    # ---- merge the lanes and publish this split's partial ----
+    slot = kh * num_splits + split
+    for g in tl.static_range(G):
+        m_g = tl.max(ms[g], axis=0)
+        w = tl.exp2((ms[g] - tl.where(m_g == float("-inf"), 0.0, m_g)) * LOG2E)
+        tl.store(ws_ml_ptr + (slot * 2) * G + g, m_g)
+        tl.store(ws_ml_ptr + (slot * 2 + 1) * G + g, tl.sum(ls[g] * w, axis=0))
+        tl.store(ws_cnt_ptr + slot * G + g, tl.sum(cs[g], axis=0))
+        tl.store(ws_acc_ptr + (slot * G + g) * DV + offs_dv,
+                 tl.sum(accs[g] * w[:, None], axis=0))
+
+    # every thread's stores are ordered before the ticket (CTA barrier + release at GPU scope)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
+    if ticket == num_splits - 1:
+        # last arrival: merge the num_splits partials of this KV head (read from L2: .cg)
+        offs_s = tl.arange(0, SPLIT_CHUNK)
+        for g in tl.static_range(G):
+            m_tot = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), axis=0)
+            s0 = 0
+            while s0 < num_splits:
+                sp = s0 + offs_s
+                m_s = tl.load(ws_ml_ptr + ((kh * num_splits + sp) * 2) * G + g,
+                              mask=sp < num_splits, other=float("-inf"), cache_modifier=".cg")
+                m_tot = tl.maximum(m_tot, tl.max(m_s, axis=0))
+                s0 += SPLIT_CHUNK
+            m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
+            l_tot = tl.sum(tl.zeros([SPLIT_CHUNK], tl.float32), axis=0)
+            n_tot = tl.sum(tl.zeros([SPLIT_CHUNK], tl.int32), axis=0)
+            o_tot = tl.zeros([DV], tl.float32)
+            s0 = 0
+            while s0 < num_splits:
+                sp = s0 + offs_s
+                s_ok = sp < num_splits
+                sl = kh * num_splits + sp
+                m_s = tl.load(ws_ml_ptr + (sl * 2) * G + g, mask=s_ok, other=float("-inf"),
+                              cache_modifier=".cg")
+                l_s = tl.load(ws_ml_ptr + (sl * 2 + 1) * G + g, mask=s_ok, other=0.0,
+                              cache_modifier=".cg")
+                c_s = tl.load(ws_cnt_ptr + sl * G + g, mask=s_ok, other=0, cache_modifier=".cg")
+                a_s = tl.load(ws_acc_ptr + (sl[:, None] * G + g) * DV + offs_dv[None, :],
+                              mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
+                w_s = tl.exp2((m_s - m_ref) * LOG2E)                  # [SPLIT_CHUNK]
+                l_tot += tl.sum(l_s * w_s, axis=0)
+                n_tot += tl.sum(c_s, axis=0)
+                o_tot += tl.sum(a_s * w_s[:, None], axis=0)
+                s0 += SPLIT_CHUNK
+            has = l_tot > 0.0
+            l_safe = tl.where(has, l_tot, 1.0)
+            qh = kh * G + g
+            tl.store(out_ptr + qh * DV + offs_dv, tl.where(has, o_tot / l_safe, 0.0))
+            tl.store(lse_ptr + qh, tl.where(has, m_tot + tl.log(l_safe), float("-inf")))
+            tl.store(natt_ptr + qh, n_tot)
+        # leave the counter at zero for the next launch on this stream
+        tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-(device, stream) arrival counters, int32 [>= n], zero between launches."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = torch.cuda.get_device_properties(index).multi_processor_count
+        _SM_COUNT[index] = count
+    return count
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def _lanes(d: int, elem_bytes: int, num_warps: int) -> int:
+    """Row lanes R of Triton's coalesced layout for a [BLOCK_N, d] tile: 16-byte vectors per
+    thread along d, the rest of a warp's 32 threads along rows, warps along rows."""
+    per_thread = min(16 // elem_bytes, d)
+    threads_d = min(32, d // per_thread)
+    return (32 // threads_d) * num_warps
+
+
+def _config(g: int, d: int, dv: int, elem_bytes: int) -> tuple[int, int, int]:
+    """(BLOCK_N, R, num_warps) for one program's tile."""
+    num_warps = 4
+    r = _lanes(d, elem_bytes, num_warps)
+    block_n = max(r, 4096 // max(d, dv))
+    return block_n, r, num_warps
+
+
+def _bound(name: str, value: int | torch.Tensor, device: torch.device
+           ) -> tuple[int, torch.Tensor | None]:
+    """Validate a position bound: a Python int or a 1-element integer tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} given as a tensor must hold one int32/int64 element, got "
+                             f"shape {tuple(value.shape)} dtype {value.dtype}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device}, expected {device}")
+        return 0, value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int or a 1-element integer tensor, got "
+                         f"{type(value).__name__}")
+    return value, None
+
+
+def _check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
+               dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor or None")
+    if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
+        raise ValueError(f"{name} must be {list(dtypes)} of shape {list(shape)} on {device}, got "
+                         f"{t.dtype} {list(t.shape)} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tau: torch.Tensor,
+    *,
+    scale: float,
+    cand_pos: torch.Tensor | None = None,
+    cand_count: torch.Tensor | None = None,
+    dense_end: int | torch.Tensor | None = None,
+    buffer_start: int | torch.Tensor,
+    buffer_end: int | torch.Tensor,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_attended: torch.Tensor | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thresholded attention over candidates plus the recent buffer, for one decode step.
+
+    Query head h (KV head h // G, G = Hq // Hkv) attends key position n iff the float32 score
+    q_h . k_n >= tau[h] and n is one of its KV head's candidates, or n lies in the recent buffer
+    [buffer_start, buffer_end), which every head attends unconditionally.
+
+    Args:
+        q: [Hq, D] float16 / bfloat16 / float32, last dim contiguous.
+        keys: [Hkv, cap, D] storage, float16 / bfloat16 / float32, last dim contiguous; only
+            positions < buffer_end are read. Hq must be a multiple of Hkv.
+        values: [Hkv, cap_v, Dv] storage (cap_v >= buffer_end), float dtype as keys.
+        tau: float32 [Hq], raw-score thresholds (-inf: attend every candidate).
+        scale: softmax scale applied to raw scores (usually 1/sqrt(D)).
+        cand_pos: sparse mode: int32 [Hkv, maxC], last dim contiguous. Row kh holds the union of
+            the candidate positions of KV head kh's query heads, all < buffer_start (ascending
+            order reads best). Entries at and beyond cand_count[kh] are never read.
+        cand_count: sparse mode: int32 [Hkv], valid entries per row of cand_pos (clamped to
+            [0, maxC] on the device).
+        dense_end: dense mode (cand_pos None): candidates are positions [0, dense_end), default
+            buffer_start; 0 <= dense_end <= buffer_start.
+        buffer_start, buffer_end: the recent buffer, 0 <= buffer_start <= buffer_end <= cap.
+            dense_end, buffer_start and buffer_end may each be a Python int or a 1-element
+            int32/int64 tensor on q's device (read by the kernel, clamped to a valid range:
+            use this to capture one CUDA graph for every decode step).
+        out, lse, num_attended: optional preallocated outputs: float32 [Hq, Dv], float32 [Hq],
+            int32 or int64 [Hq], contiguous, on q's device. Every element is written.
+        num_splits: override of the number of programs per KV head (default: enough programs
+            to fill the device, at least two blocks each).
+
+    Returns:
+        (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
+        weighted sum of V over the attended keys; logsumexp(scale * s) over them; their count.
+        A head that attends nothing gets out = 0 and lse = -inf.
+
+    Raises:
+        ValueError: on any shape, dtype, device, layout or range problem of the arguments.
+    """
+    for name, t in (("q", q), ("keys", keys), ("values", values), ("tau", tau)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 2:
+        raise ValueError(f"q must be [Hq, D], got shape {list(q.shape)}")
+    if keys.dim() != 3 or values.dim() != 3:
+        raise ValueError(f"keys and values must be [Hkv, cap, D] and [Hkv, cap, Dv], got "
+                         f"{list(keys.shape)} and {list(values.shape)}")
+    hq, d = q.shape
+    hkv, cap, dk = keys.shape
+    dv = values.shape[2]
+    device = q.device
+    for name, t in (("keys", keys), ("values", values), ("tau", tau)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    for name, t in (("q", q), ("keys", keys), ("values", values)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if dk != d:
+        raise ValueError(f"keys head dim {dk} != q head dim {d}")
+    if values.shape[0] != hkv:
+        raise ValueError(f"values has {values.shape[0]} KV heads, keys has {hkv}")
+    if hkv < 1 or hq < 1 or hq % hkv:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
+    if not (_is_pow2(d) and 16 <= d <= 512) or not (_is_pow2(dv) and 16 <= dv <= 512):
+        raise ValueError(f"D={d} and Dv={dv} must be powers of two in [16, 512]")
+    if tau.dtype != torch.float32 or tuple(tau.shape) != (hq,) or not tau.is_contiguous():
+        raise ValueError(f"tau must be contiguous float32 [{hq}], got {tau.dtype} "
+                         f"{list(tau.shape)}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    bs, bs_t = _bound("buffer_start", buffer_start, device)
+    be, be_t = _bound("buffer_end", buffer_end, device)
+    if bs_t is None and be_t is None and not 0 <= bs <= be:
+        raise ValueError(f"need 0 <= buffer_start <= buffer_end, got {bs}, {be}")
+    if bs_t is None and bs < 0:
+        raise ValueError(f"buffer_start must be >= 0, got {bs}")
+    cap = min(cap, values.shape[1])  # positions are clamped to the storage on the device
+    if be_t is None and be > cap:
+        raise ValueError(f"buffer_end={be} exceeds the storage (keys cap {keys.shape[1]}, "
+                         f"values cap {values.shape[1]})")
+
+    sparse = cand_pos is not None
+    if sparse:
+        if cand_count is None:
+            raise ValueError("cand_pos needs cand_count")
+        if dense_end is not None:
+            raise ValueError("dense_end is for dense mode (cand_pos None)")
+        if not isinstance(cand_pos, torch.Tensor) or not isinstance(cand_count, torch.Tensor):
+            raise ValueError("cand_pos and cand_count must be tensors")
+        if cand_pos.dtype != torch.int32 or cand_pos.dim() != 2 or cand_pos.shape[0] != hkv:
+            raise ValueError(f"cand_pos must be int32 [{hkv}, maxC], got {cand_pos.dtype} "
+                             f"{list(cand_pos.shape)}")
+        if cand_pos.shape[1] > 0 and cand_pos.stride(1) != 1:
+            raise ValueError("cand_pos must be contiguous in its last dimension")
+        if cand_count.dtype != torch.int32 or tuple(cand_count.shape) != (hkv,) \
+                or not cand_count.is_contiguous():
+            raise ValueError(f"cand_count must be contiguous int32 [{hkv}], got "
+                             f"{cand_count.dtype} {list(cand_count.shape)}")
+        for name, t in (("cand_pos", cand_pos), ("cand_count", cand_count)):
+            if t.device != device:
+                raise ValueError(f"{name} is on {t.device} but q is on {device}")
+        max_c = cand_pos.shape[1]
+        de, de_t = 0, None
+    else:
+        if cand_count is not None:
+            raise ValueError("cand_count given without cand_pos")
+        max_c = 0
+        if dense_end is None:
+            de, de_t = bs, bs_t
+        else:
+            de, de_t = _bound("dense_end", dense_end, device)
+            if de_t is None and de < 0:
+                raise ValueError(f"dense_end must be >= 0, got {de}")
+            if de_t is None and bs_t is None and de > bs:
+                raise ValueError(f"dense_end={de} > buffer_start={bs}: positions would be "
+                                 "attended twice")
+    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
+                                   or num_splits < 1):
+        raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
+
+    _check_out("out", out, (hq, dv), (torch.float32,), device)
+    _check_out("lse", lse, (hq,), (torch.float32,), device)
+    _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), device)
+    if out is None:
+        out = torch.empty(hq, dv, dtype=torch.float32, device=device)
+    if lse is None:
+        lse = torch.empty(hq, dtype=torch.float32, device=device)
+    if num_attended is None:
+        num_attended = torch.empty(hq, dtype=torch.int32, device=device)
+
+    # ---- plan (host-known quantities only) ----
+    g = hq // hkv
+    block_n, lanes, num_warps = _config(g, d, dv, keys.element_size())
+    if bs_t is None and be_t is None:
+        buf_max = be - bs
+    else:
+        buf_max = cap if be_t is not None else be
+    if sparse:
+        total_max = max_c + buf_max
+    elif de_t is None and bs_t is None and be_t is None:
+        total_max = de + buf_max
+    else:
+        total_max = cap
+    blocks_max = max(1, triton.cdiv(total_max, block_n))
+    if num_splits is None:
+        target = 4 * _num_sms(device)
+        num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
+
+    ws_ml = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
+    ws_cnt = torch.empty(hkv * num_splits * g, dtype=torch.int32, device=device)
+    ws_acc = torch.empty(hkv * num_splits * g * dv, dtype=torch.float32, device=device)
+    counters = _counters(device, hkv)
+
+    pos_arg = cand_pos if sparse else tau
+    cnt_arg = cand_count if sparse else tau
+    _sparse_attention_kernel[(hkv, num_splits)](
+        q, keys, values, tau,
+        pos_arg, cnt_arg,
+        de_t if de_t is not None else tau,
+        bs_t if bs_t is not None else tau,
+        be_t if be_t is not None else tau,
+        ws_ml, ws_acc, ws_cnt, counters,
+        out, lse, num_attended,
+        float(scale),
+        de, bs, be,
+        cap, max_c, num_splits,
+        q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        cand_pos.stride(0) if sparse else 0,
+        G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, SPLIT_CHUNK=16, SPARSE=sparse,
+        DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
+        BUF_END_ON_DEVICE=be_t is not None,
+        num_warps=num_warps, num_stages=1,
+    )
+    return out, lse, num_attended
+
