@@ -6,9 +6,10 @@ then query with its q. Per step and query head we record, for each threshold pol
 
 - the true fraction {n : q.k_n >= tau} / N (what any exact method must attend),
 - the candidate fraction (bound >= tau, plus the buffer) / N,
-- bytes a kernel reads per layer-step: index records of every indexed key, K of the candidates
-  and V of the attended keys (both as the union over a GQA group, read once per KV head), the
-  buffer's K and V; against dense K+V bytes,
+- bytes a kernel reads per layer-step: index records (QUANT: the top ``quant_coarse_bits`` bit
+  planes of every indexed key, the remaining planes and the residual norms of the keys whose
+  coarse bound reaches tau), K of the candidates and V of the attended keys (each as the union
+  over a GQA group, read once per KV head), the buffer's K and V; against dense K+V bytes,
 - a zero-false-negative check of every step.
 
 Also: index bytes per key vs KV bytes per key, build and flush time, and the candidate fraction
@@ -38,9 +39,10 @@ from louver_kernels import reference as ref
 VARIANTS: dict[str, IndexConfig] = {
     "balls_s4_c4": IndexConfig(kind=IndexKind.BALLS, num_subspaces=4, cluster_size=4),
     "balls_s16_c4": IndexConfig(kind=IndexKind.BALLS, num_subspaces=16, cluster_size=4),
-    "quant_b8_g16": IndexConfig(kind=IndexKind.QUANT, quant_bits=8, quant_group=16),
-    "quant_b4_g8": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_group=8),
-    "quant_b4_g16": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_group=16),
+    "quant_b8_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=8, quant_coarse_bits=4),
+    "quant_b7_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=7, quant_coarse_bits=4),
+    "quant_b6_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=4),
+    "quant_b4_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_coarse_bits=4),
 }
 POLICIES = {"rel_1e-2": Relative(1e-2), "rel_1e-3": Relative(1e-3), "rel_1e-4": Relative(1e-4),
             "top20": None}
@@ -78,8 +80,16 @@ def step_stats(index: LouverIndex, q: torch.Tensor, name: str) -> dict[str, floa
     item = keys.element_size()
     d, dv = index.head_dim, index.value_dim
     buf = total - n
-    read = (hkv * n * LouverIndex.record_bytes(d, index.config) + cand_union * d * item
-            + att_union * dv * item + hkv * buf * (d + dv) * item)
+    cfg = index.config
+    if cfg.kind is IndexKind.QUANT and cfg.quant_coarse_bits < cfg.quant_bits:
+        top = cfg.quant_coarse_bits
+        coarse = (index.bounds(q, top=top) >= tau[:, None]).reshape(hkv, g, n).any(dim=1)
+        rest = LouverIndex.record_bytes(d, cfg) - d * top // 8
+        scan = hkv * n * d * top // 8 + int(coarse.sum().item()) * rest
+    else:
+        scan = hkv * n * LouverIndex.record_bytes(d, cfg)
+    read = (scan + cand_union * d * item + att_union * dv * item
+            + hkv * buf * (d + dv) * item)
     dense = hkv * total * (d + dv) * item
     true_frac = true_mask.float().mean().item()
     cand_frac = ((cand.sum(dim=1) + buf).float() / total).mean().item()

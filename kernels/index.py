@@ -12,7 +12,9 @@ Index records per kind (fixed width per key, so a GPU kernel reads them coalesce
 
     BALLS  ids     int32 [Hkv, cap, S]          cluster of the key in each subspace
            centers float32 [Hkv, S, Ccap, D/S]  radii float32 [Hkv, S, Ccap]
-    QUANT  planes  uint8 [Hkv, cap, bits, D/8]  bit planes of the codes, most significant first
+    QUANT  codes   uint8 [Hkv, cap, D]          one code per channel (CPU tensors), or
+           planes  uint8 [Hkv, cap, bits, D/8]  bit planes, most significant first (CUDA
+                                                tensors: a first kernel pass reads the top ones)
            err     float16 [Hkv, cap, D/group]  residual norm per group, rounded up
            lo, step float32 [Hkv, D]            per-channel affine range, fixed at the first build
 
@@ -123,8 +125,10 @@ class LouverIndex:
             self._num_clusters = 0
         else:
             groups = head_dim // config.quant_group
-            self._planes = torch.empty(h, 0, config.quant_bits, head_dim // 8, dtype=torch.uint8,
-                                       device=self.device)
+            # bit planes on CUDA (the kernels' layout), one byte per code elsewhere
+            self._planar = self.device.type == "cuda"
+            shape = (h, 0, config.quant_bits, head_dim // 8) if self._planar else (h, 0, head_dim)
+            self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
             self._lo: torch.Tensor | None = None
             self._step: torch.Tensor | None = None
@@ -198,7 +202,7 @@ class LouverIndex:
         if self.config.kind is IndexKind.BALLS:
             self._ids = grown(self._ids)
         else:
-            self._planes = grown(self._planes)
+            self._codes = grown(self._codes)
             self._err = grown(self._err)
         self._cap = cap
 
@@ -280,8 +284,9 @@ class LouverIndex:
         cfg = self.config
         if self._lo is None or self._step is None:
             self._lo, self._step = ref.quant_fit_range(k, cfg.quant_bits)
-        planes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
-        self._planes[:, start:end] = planes
+        codes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
+        self._codes[:, start:end] = ref.pack_planes(codes, cfg.quant_bits) if self._planar \
+            else codes
         self._err[:, start:end] = err
         emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=1))
         self._rmax = torch.maximum(self._rmax, emax)
@@ -352,7 +357,10 @@ class LouverIndex:
         else:
             if n == 0 or self._lo is None or self._step is None:
                 return torch.empty(q.shape[0], 0, device=self.device)
-            ub = ref.quant_bound(q, self._planes[:, :n], self._err[:, :n], self._lo, self._step,
+            codes = self._codes[:, :n]
+            if self._planar:
+                codes = ref.unpack_planes(codes, self.config.quant_bits).to(torch.uint8)
+            ub = ref.quant_bound(q, codes, self._err[:, :n], self._lo, self._step,
                                  self.config.quant_bits, top)
             slack = ref.quant_slack(q, self._kmax, self._rmax, self._lo,
                                     self.head_dim // self.config.quant_group)

@@ -280,41 +280,50 @@ def unpack_planes(planes: torch.Tensor, bits: int, top: int | None = None) -> to
     """
     p = bits if top is None else top
     *lead, _, nbytes = planes.shape
-    x = planes[..., :p, :].to(torch.int32)
-    bitpos = torch.arange(8, device=planes.device, dtype=torch.int32)
-    b = (x[..., None] >> bitpos) & 1                                     # [..., p, D/8, 8]
-    b = b.reshape(*lead, p, nbytes * 8)
+    table = _byte_bits(planes.device)                                    # [256, 8] int32
     weights = (1 << torch.arange(p - 1, -1, -1, device=planes.device, dtype=torch.int32))
-    return (b * weights[:, None]).sum(dim=-2)
+    b = table[planes[..., :p, :].long()]                                 # [..., p, D/8, 8]
+    return (b.reshape(*lead, p, nbytes * 8) * weights[:, None]).sum(dim=-2, dtype=torch.int32)
+
+
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_bits(device: torch.device) -> torch.Tensor:
+    """int32 [256, 8]: bit k of every byte value."""
+    if device not in _BYTE_BITS:
+        _BYTE_BITS[device] = ((torch.arange(256, dtype=torch.int32)[:, None]
+                               >> torch.arange(8, dtype=torch.int32)) & 1).to(device)
+    return _BYTE_BITS[device]
 
 
 def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
                  group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bit-plane codes and rounded-up residual norms of keys.
+    """Codes and rounded-up residual norms of keys.
 
     Args:
-        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D; D % 8 == 0.
+        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D.
     Returns:
-        planes uint8 [Hkv, N, bits, D/8] (see pack_planes) and err float16 [Hkv, N, D/group]
-        >= ||k_g - (lo + step c)_g||. Keys outside the range get clamped codes; their residual
-        norm absorbs the difference, so the bound stays sound.
+        codes uint8 [Hkv, N, D] (< 2^bits; see pack_planes for the GPU layout) and err float16
+        [Hkv, N, D/group] >= ||k_g - (lo + step c)_g||. Keys outside the range get clamped
+        codes; their residual norm absorbs the difference, so the bound stays sound.
     """
     hkv, n, d = keys.shape
     levels = (1 << bits) - 1
     codes = torch.round((keys.float() - lo[:, None]) / step[:, None]).clamp(0, levels)
     deq = lo.double()[:, None] + step.double()[:, None] * codes.double()  # exact
     resid = (keys.double() - deq).reshape(hkv, n, d // group, group).norm(dim=-1)
-    return pack_planes(codes.to(torch.uint8), bits), round_up_f16(round_up_f32(resid))
+    return codes.to(torch.uint8), round_up_f16(round_up_f32(resid))
 
 
-def quant_bound(q: torch.Tensor, planes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
+def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
                 step: torch.Tensor, bits: int, top: int | None = None) -> torch.Tensor:
     """Upper bounds of q.k (before slack) from quantized keys.
 
     Args:
-        q: [Hq, D]; planes: uint8 [Hkv, N, bits, D/8]; err: float16 [Hkv, N, G];
-        lo, step: float32 [Hkv, D]; top: planes read (None: all = the full bound; p < bits:
-        the coarse bound of the module comment).
+        q: [Hq, D]; codes: uint8 [Hkv, N, D] full codes; err: float16 [Hkv, N, G];
+        lo, step: float32 [Hkv, D]; top: bit planes read (None: all = the full bound; p < bits:
+        the coarse bound of the module comment, from codes >> (bits - p)).
     Returns:
         float32 [Hq, N].
     """
@@ -328,8 +337,8 @@ def quant_bound(q: torch.Tensor, planes: torch.Tensor, err: torch.Tensor, lo: to
     qstep = qf * (step * shift)[:, None]                                  # [Hkv, G, D]
     base = (qf * (lo + step * half)[:, None]).sum(-1)                     # [Hkv, G]
     box = (qf.abs() * step[:, None]).sum(-1) * half                       # [Hkv, G]
-    codes = unpack_planes(planes, bits, p).float()                        # [Hkv, N, D]
-    dot = torch.bmm(qstep, codes.transpose(1, 2))                         # [Hkv, G, N]
+    c = codes if p == bits else codes >> (bits - p)
+    dot = torch.bmm(qstep, c.float().transpose(1, 2))                     # [Hkv, G, N]
     qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)                     # [Hkv, G, Gr]
     corr = torch.bmm(qn, err.float().transpose(1, 2))                     # [Hkv, G, N]
     return (dot + (base + box)[..., None] + corr).reshape(hq, n)
