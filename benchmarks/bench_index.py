@@ -42,6 +42,8 @@ VARIANTS: dict[str, IndexConfig] = {
     "quant_b8_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=8, quant_coarse_bits=4),
     "quant_b7_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=7, quant_coarse_bits=4),
     "quant_b6_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=4),
+    "quant_b6_p3": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=3),
+    "quant_b5_p3": IndexConfig(kind=IndexKind.QUANT, quant_bits=5, quant_coarse_bits=3),
     "quant_b4_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_coarse_bits=4),
 }
 POLICIES = {"rel_1e-2": Relative(1e-2), "rel_1e-3": Relative(1e-3), "rel_1e-4": Relative(1e-4),
@@ -134,7 +136,6 @@ def incremental_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: i
     grown = LouverIndex.build(k[:, : n_ctx - appends], v[:, : n_ctx - appends], config)
     for t in range(n_ctx - appends, n_ctx):
         grown.append(k[:, t: t + 1], v[:, t: t + 1])
-    grown.flush()
     fresh = LouverIndex.build(k[:, :n_ctx], v[:, :n_ctx], config)
     fracs = {"grown": 0.0, "fresh": 0.0}
     for j in range(queries):

@@ -5,8 +5,10 @@ Layout (per layer, per KV head, contiguous, growing by amortized doubling):
     keys    [Hkv, cap, D]   stored dtype (float16, bfloat16 or float32)
     values  [Hkv, cap, Dv]
     positions [0, num_indexed) are in the index; [num_indexed, num_keys) are the recent buffer,
-    which is always attended exactly. When the buffer holds ``buffer_size`` keys it is flushed:
-    its keys are encoded (clustered or quantized, locally) and appended to the index records.
+    which is always attended exactly. The index grows by whole segments of B = ``buffer_size``
+    keys aligned to multiples of B: a build indexes the prefill's whole segments and leaves the
+    rest in the buffer; when the buffer holds B keys, they are encoded (clustered or quantized,
+    locally) and appended to the index records.
 
 Index records per kind (fixed width per key, so a GPU kernel reads them coalesced):
 
@@ -16,7 +18,7 @@ Index records per kind (fixed width per key, so a GPU kernel reads them coalesce
            planes  uint8 [Hkv, cap, bits, D/8]  bit planes, most significant first (CUDA
                                                 tensors: a first kernel pass reads the top ones)
            err     float16 [Hkv, cap, D/group]  residual norm per group, rounded up
-           lo, step float32 [Hkv, D]            per-channel affine range, fixed at the first build
+           lo, step float32 [Hkv, cap/B, D]     per segment and channel affine range
 
 Attention semantics (every backend): query head h attends the buffer and every indexed key
 whose exact float32 score reaches tau_h. The output therefore does not depend on how tight the
@@ -130,8 +132,9 @@ class LouverIndex:
             shape = (h, 0, config.quant_bits, head_dim // 8) if self._planar else (h, 0, head_dim)
             self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
-            self._lo: torch.Tensor | None = None
-            self._step: torch.Tensor | None = None
+            self._lo = torch.empty(h, 0, head_dim, device=self.device)
+            self._step = torch.empty(h, 0, head_dim, device=self.device)
+            self._lmax = torch.zeros(num_kv_heads, device=self.device)
 
     # ------------------------------------------------------------------ construction / growth
 
@@ -156,7 +159,7 @@ class LouverIndex:
             raise ValueError("keys/values need at least one head and one dimension")
         index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig())
         index._store(keys, values)
-        index._index_upto(index.num_keys)
+        index._index_segments()
         return index
 
     @staticmethod
@@ -177,7 +180,8 @@ class LouverIndex:
             s = config.num_subspaces
             return 2 * s + math.ceil(s * (head_dim // s * 4 + 4) / config.cluster_size)
         groups = head_dim // config.quant_group
-        return head_dim * config.quant_bits // 8 + 2 * groups
+        ranges = math.ceil(2 * head_dim * 4 / config.buffer_size)  # lo, step per segment
+        return head_dim * config.quant_bits // 8 + 2 * groups + ranges
 
     @staticmethod
     def _capacity_for(n: int) -> int:
@@ -204,6 +208,15 @@ class LouverIndex:
         else:
             self._codes = grown(self._codes)
             self._err = grown(self._err)
+            segments = -(-cap // self.config.buffer_size)
+
+            def grown_seg(t: torch.Tensor) -> torch.Tensor:
+                out = torch.zeros(t.shape[0], segments, t.shape[2], device=t.device)
+                out[:, : t.shape[1]] = t
+                return out
+
+            self._lo = grown_seg(self._lo)
+            self._step = grown_seg(self._step)
         self._cap = cap
 
     def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor
@@ -246,15 +259,13 @@ class LouverIndex:
         index. Nothing is changed if validation fails.
         """
         self._store(keys, values)
-        if self.num_keys - self.num_indexed >= self.config.buffer_size:
-            self.flush()
+        self._index_segments()
 
-    def flush(self) -> None:
-        """Move every buffered key into the index."""
-        self._index_upto(self.num_keys)
-
-    def _index_upto(self, end: int) -> None:
+    def _index_segments(self) -> None:
+        """Index every whole segment of B buffered keys (the buffer keeps fewer than B)."""
+        seg = self.config.buffer_size
         start = self.num_indexed
+        end = start + (self.num_keys - start) // seg * seg
         if end <= start:
             return
         k = self._keys[:, start:end]
@@ -282,9 +293,17 @@ class LouverIndex:
 
     def _encode_quant(self, k: torch.Tensor, start: int, end: int) -> None:
         cfg = self.config
-        if self._lo is None or self._step is None:
-            self._lo, self._step = ref.quant_fit_range(k, cfg.quant_bits)
-        codes, err = ref.quant_encode(k, self._lo, self._step, cfg.quant_bits, cfg.quant_group)
+        hkv, t, d = k.shape
+        seg = cfg.buffer_size
+        ks = k.reshape(hkv, t // seg, seg, d)
+        lo, step = ref.quant_fit_range(ks, cfg.quant_bits)
+        codes, err = ref.quant_encode(ks, lo, step, cfg.quant_bits, cfg.quant_group)
+        codes = codes.reshape(hkv, t, d)
+        err = err.reshape(hkv, t, -1)
+        self._lo[:, start // seg: end // seg] = lo
+        self._step[:, start // seg: end // seg] = step
+        self._lmax = torch.maximum(self._lmax, ref.round_up_f32(lo.double().norm(dim=-1)
+                                                                .amax(dim=1)))
         self._codes[:, start:end] = ref.pack_planes(codes, cfg.quant_bits) if self._planar \
             else codes
         self._err[:, start:end] = err
@@ -355,14 +374,15 @@ class LouverIndex:
             ub = ref.balls_bound(q, self._centers, self._radii, self._ids[:, :n])
             slack = ref.balls_slack(q, self._kmax, self._rmax, self.config.num_subspaces)
         else:
-            if n == 0 or self._lo is None or self._step is None:
+            if n == 0:
                 return torch.empty(q.shape[0], 0, device=self.device)
+            nseg = n // self.config.buffer_size
             codes = self._codes[:, :n]
             if self._planar:
                 codes = ref.unpack_planes(codes, self.config.quant_bits).to(torch.uint8)
-            ub = ref.quant_bound(q, codes, self._err[:, :n], self._lo, self._step,
-                                 self.config.quant_bits, top)
-            slack = ref.quant_slack(q, self._kmax, self._rmax, self._lo,
+            ub = ref.quant_bound(q, codes, self._err[:, :n], self._lo[:, :nseg],
+                                 self._step[:, :nseg], self.config.quant_bits, top)
+            slack = ref.quant_slack(q, self._kmax, self._rmax, self._lmax,
                                     self.head_dim // self.config.quant_group)
         return ub + slack[:, None]
 

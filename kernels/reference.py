@@ -221,10 +221,13 @@ def balls_slack(q: torch.Tensor, kmax: torch.Tensor, rmax: torch.Tensor, num_sub
 
 
 # ----------------------------------------------------------------------------------------------
-# QUANT: per (KV head, channel) affine codes k^_d = lo_d + step_d c_d, c_d in [0, 2^b - 1],
-# stored as b bit planes (most significant first, 8 channels per byte), plus per key and group
-# of channels the exact residual norm e_g >= ||k_g - k^_g||, computed in float64 against the exact
-# real value lo + step c and rounded up to float16.
+# QUANT: keys are indexed in aligned segments of B keys (B = the buffer size). Per (KV head,
+# segment, channel) an affine code k^_d = lo_d + step_d c_d, c_d in [0, 2^b - 1], fitted on the
+# segment's own keys (so ranges follow RoPE's drift over positions and growth needs no
+# re-quantization); stored as b bit planes on the GPU (most significant first, 8 channels per
+# byte) or one byte per code on the CPU. Per key and group of channels: the exact residual norm
+# e_g >= ||k_g - k^_g||, computed in float64 against the exact real value lo + step c, rounded up
+# to float16.
 #
 # Full bound: q.k = q.k^ + q.(k - k^) <= q.k^ + sum_g ||q_g|| e_g       (Cauchy-Schwarz per group)
 # computed as sum_d fl(q_d step_d) c_d + sum_d q_d lo_d + sum_g ||q_g|| e_g in float32.
@@ -237,22 +240,22 @@ def balls_slack(q: torch.Tensor, kmax: torch.Tensor, rmax: torch.Tensor, num_sub
 # Rounding: both are float32 sums of at most 3D + G terms, each with at most three rounded
 # factors; sum|terms| <= ||q|| (||step c|| + ||lo|| + ||e||) + sum |q_d| step_d (2^(b-p) - 1) <=
 # ||q|| (2 Kmax + 3 Emax + 3 Lmax) since ||step c|| <= ||k|| + ||e|| + ||lo|| and
-# ||step (2^(b-p) - 1)|| <= ||step c_max|| <= Kmax + Emax + 2 Lmax for a range fitted on the keys.
-# m = 3D + 2G + 8 covers the products, the sums and the norms.
+# ||step (2^(b-p) - 1)|| <= ||step c_max|| <= Kmax + Emax + 2 Lmax for a range fitted on the keys,
+# with Lmax >= ||lo|| over segments. m = 3D + 2G + 8 covers the products, sums and norms.
 # ----------------------------------------------------------------------------------------------
 
 
 def quant_fit_range(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per (head, channel) quantization range from a set of keys.
+    """Per (head, segment, channel) quantization range.
 
     Args:
-        keys: [Hkv, N, D] (N >= 1).
+        keys: [Hkv, S, B, D] (segments of B >= 1 keys).
     Returns:
-        lo float32 [Hkv, D] and step float32 [Hkv, D] (> 0).
+        lo float32 [Hkv, S, D] and step float32 [Hkv, S, D] (> 0).
     """
     kf = keys.float()
-    lo = kf.amin(dim=1)
-    hi = kf.amax(dim=1)
+    lo = kf.amin(dim=2)
+    hi = kf.amax(dim=2)
     levels = (1 << bits) - 1
     step = ((hi - lo) / levels).clamp_min(1e-8)
     return lo, step
@@ -299,20 +302,20 @@ def _byte_bits(device: torch.device) -> torch.Tensor:
 
 def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
                  group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and rounded-up residual norms of keys.
+    """Codes and rounded-up residual norms of segmented keys.
 
     Args:
-        keys: [Hkv, N, D]; lo, step: float32 [Hkv, D]; group divides D.
+        keys: [Hkv, S, B, D]; lo, step: float32 [Hkv, S, D]; group divides D.
     Returns:
-        codes uint8 [Hkv, N, D] (< 2^bits; see pack_planes for the GPU layout) and err float16
-        [Hkv, N, D/group] >= ||k_g - (lo + step c)_g||. Keys outside the range get clamped
-        codes; their residual norm absorbs the difference, so the bound stays sound.
+        codes uint8 [Hkv, S, B, D] (< 2^bits; see pack_planes for the GPU layout) and err
+        float16 [Hkv, S, B, D/group] >= ||k_g - (lo + step c)_g||. Keys outside the range get
+        clamped codes; their residual norm absorbs the difference, so the bound stays sound.
     """
-    hkv, n, d = keys.shape
+    *lead, d = keys.shape
     levels = (1 << bits) - 1
-    codes = torch.round((keys.float() - lo[:, None]) / step[:, None]).clamp(0, levels)
-    deq = lo.double()[:, None] + step.double()[:, None] * codes.double()  # exact
-    resid = (keys.double() - deq).reshape(hkv, n, d // group, group).norm(dim=-1)
+    codes = torch.round((keys.float() - lo[:, :, None]) / step[:, :, None]).clamp(0, levels)
+    deq = lo.double()[:, :, None] + step.double()[:, :, None] * codes.double()  # exact
+    resid = (keys.double() - deq).reshape(*lead, d // group, group).norm(dim=-1)
     return codes.to(torch.uint8), round_up_f16(round_up_f32(resid))
 
 
@@ -321,42 +324,49 @@ def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: tor
     """Upper bounds of q.k (before slack) from quantized keys.
 
     Args:
-        q: [Hq, D]; codes: uint8 [Hkv, N, D] full codes; err: float16 [Hkv, N, G];
-        lo, step: float32 [Hkv, D]; top: bit planes read (None: all = the full bound; p < bits:
-        the coarse bound of the module comment, from codes >> (bits - p)).
+        q: [Hq, D]; codes: uint8 [Hkv, S*B, D] full codes of S whole segments of B keys;
+        err: float16 [Hkv, S*B, G]; lo, step: float32 [Hkv, S, D] per segment;
+        top: bit planes read (None: all = the full bound; p < bits: the coarse bound of the
+        module comment, from codes >> (bits - p)).
     Returns:
-        float32 [Hq, N].
+        float32 [Hq, S*B].
     """
     hq, d = q.shape
     hkv, n, ng = err.shape
+    nseg = lo.shape[1]
+    if nseg == 0:
+        return torch.empty(hq, 0, device=q.device)
+    seg = n // nseg
     g = hq // hkv
     p = bits if top is None else top
     shift = 1 << (bits - p)
     half = (shift - 1) / 2.0
     qf = q.float().reshape(hkv, g, d)
-    qstep = qf * (step * shift)[:, None]                                  # [Hkv, G, D]
-    base = (qf * (lo + step * half)[:, None]).sum(-1)                     # [Hkv, G]
-    box = (qf.abs() * step[:, None]).sum(-1) * half                       # [Hkv, G]
+    qstep = qf[:, :, None] * (step * shift)[:, None]                      # [Hkv, G, S, D]
+    base = (qf[:, :, None] * (lo + step * half)[:, None]).sum(-1)         # [Hkv, G, S]
+    box = (qf[:, :, None].abs() * step[:, None]).sum(-1) * half           # [Hkv, G, S]
     c = codes if p == bits else codes >> (bits - p)
-    dot = torch.bmm(qstep, c.float().transpose(1, 2))                     # [Hkv, G, N]
+    c = c.reshape(hkv, nseg, seg, d).float()
+    dot = torch.einsum("hgsd,hsnd->hgsn", qstep, c)                       # [Hkv, G, S, B]
+    dot = dot + (base + box)[..., None]
     qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)                     # [Hkv, G, Gr]
     corr = torch.bmm(qn, err.float().transpose(1, 2))                     # [Hkv, G, N]
-    return (dot + (base + box)[..., None] + corr).reshape(hq, n)
+    return (dot.reshape(hkv, g, n) + corr).reshape(hq, n)
 
 
-def quant_slack(q: torch.Tensor, kmax: torch.Tensor, emax: torch.Tensor, lo: torch.Tensor,
+def quant_slack(q: torch.Tensor, kmax: torch.Tensor, emax: torch.Tensor, lmax: torch.Tensor,
                 groups: int) -> torch.Tensor:
     """Per-query-head slack [Hq] that makes quant_bound (full or coarse) sound for float32
     scores.
 
-    kmax, emax: float32 [Hkv] upper bounds of key norms and of residual norms (over groups:
-    ||e_n||_2); lo: float32 [Hkv, D] quantization offsets.
+    kmax, emax, lmax: float32 [Hkv] upper bounds of key norms, of residual norms (over groups:
+    ||e_n||_2) and of the segments' offset norms ||lo||.
     """
     hq, d = q.shape
     qn = q.float().double().norm(dim=-1)
     km = expand_heads(kmax.double(), hq)
     em = expand_heads(emax.double(), hq)
-    lm = expand_heads(lo.double().norm(dim=-1), hq)
+    lm = expand_heads(lmax.double(), hq)
     m = 3 * d + 2 * groups + 8
     total = gamma(d) * qn * km + gamma(m) * qn * (2 * km + 3 * em + 3 * lm)
     return (2.0 * total).float()

@@ -82,7 +82,8 @@ def _sparse_attention_kernel(
     cap, max_c, num_splits,
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_N: tl.constexpr, R: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr,
 ):
@@ -90,6 +91,8 @@ def _sparse_attention_kernel(
     split = tl.program_id(1)
     LOG2E: tl.constexpr = 1.4426950408889634
     NR: tl.constexpr = BLOCK_N // R
+    NCK: tl.constexpr = D // CK
+    NCV: tl.constexpr = DV // CV
 
     # ---- extent of this KV head's virtual candidate list (clamped: never trust the inputs) ----
     b_start = _load_bound(buf_start_ptr, buf_start, BUF_START_ON_DEVICE)
@@ -109,8 +112,15 @@ def _sparse_attention_kernel(
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
 
     # ---- the G query heads of this KV head: one register set per head (a tuple) ----
-    offs_d = tl.arange(0, D)
-    offs_dv = tl.arange(0, DV)
+    # K rows are viewed as [NCK, CK] chunks and loaded as [BLOCK_N, NCK, CK] tiles: each thread
+    # reads 16-byte vectors of CK-wide chunks (CK // 16 bytes threads per row) and keeps all NCK
+    # chunks of its rows in registers, so a dot product is mostly reduced inside the thread.
+    offs_ck = tl.arange(0, CK)
+    offs_nck = tl.arange(0, NCK)
+    offs_cv = tl.arange(0, CV)
+    offs_ncv = tl.arange(0, NCV)
+    d_k = offs_nck[:, None] * CK + offs_ck[None, :]                  # [NCK, CK]
+    d_v = offs_ncv[:, None] * CV + offs_cv[None, :]                  # [NCV, CV]
     qs = ()
     taus = ()
     ms = ()
@@ -118,21 +128,21 @@ def _sparse_attention_kernel(
     cs = ()
     accs = ()
     for g in tl.static_range(G):
-        qs = qs + (tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float32),)
+        qs = qs + (tl.load(q_ptr + (kh * G + g) * stride_qh + d_k).to(tl.float32),)
         taus = taus + (tl.load(tau_ptr + kh * G + g),)
         ms = ms + (tl.full([R], float("-inf"), tl.float32),)
         ls = ls + (tl.zeros([R], tl.float32),)
         cs = cs + (tl.zeros([R], tl.int32),)
-        accs = accs + (tl.zeros([R, DV], tl.float32),)
+        accs = accs + (tl.zeros([R, NCV, CV], tl.float32),)
 
     k_base = k_ptr + kh.to(tl.int64) * stride_kh
     v_base = v_ptr + kh.to(tl.int64) * stride_vh
     c_base = cand_pos_ptr + kh.to(tl.int64) * stride_ch
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Rows of a [BLOCK_N, *] tile are spread over R = (threads per column) x (warps) lanes and
-    # repeated in registers; viewed as [BLOCK_N // R, R, *], axis 0 lives inside each thread.
-    # The softmax state is kept per lane (m, l, acc of shape [R], [R], [R, DV]), so the loop
+    # Rows of a [BLOCK_N, ...] tile are spread over R = (row threads per warp) x (warps) lanes and
+    # repeated in registers; viewed as [BLOCK_N // R, R, ...], axis 0 lives inside each thread.
+    # The softmax state is kept per lane (m, l, acc of shape [R], [R], [R, NCV, CV]), so the loop
     # body reduces over rows without any cross-thread traffic; lanes are merged once at the end.
     blk = blk_lo
     while blk < blk_hi:
@@ -147,22 +157,22 @@ def _sparse_attention_kernel(
         row_ok = (idx < total) & tl.where(is_cand, (pos >= 0) & (pos < b_start), True)
         pos64 = pos.to(tl.int64)
 
-        k = tl.load(k_base + pos64[:, None] * stride_kn + offs_d[None, :],
-                    mask=row_ok[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_base + pos64[:, None, None] * stride_kn + d_k[None, :, :],
+                    mask=row_ok[:, None, None], other=0.0).to(tl.float32)
         xs = ()
         any_att = row_ok & False
         new_cs = ()
         for g in tl.static_range(G):
-            s = tl.sum(k * qs[g][None, :], axis=1)              # [BLOCK_N] exact fp32 q.k
+            s = tl.sum(tl.sum(k * qs[g][None, :, :], axis=2), axis=1)   # [BLOCK_N] fp32 q.k
             att = ((s >= taus[g]) | (~is_cand)) & row_ok
             any_att = any_att | att
             xs = xs + (tl.where(att, s * scale, float("-inf")),)
             new_cs = new_cs + (cs[g] + tl.sum(tl.reshape(att.to(tl.int32), [NR, R]), axis=0),)
         cs = new_cs
         # V rows only for keys some head attends (masked-off rows move no bytes)
-        v = tl.load(v_base + pos64[:, None] * stride_vn + offs_dv[None, :],
-                    mask=any_att[:, None], other=0.0).to(tl.float32)
-        v3 = tl.reshape(v, [NR, R, DV])
+        v = tl.load(v_base + pos64[:, None, None] * stride_vn + d_v[None, :, :],
+                    mask=any_att[:, None, None], other=0.0).to(tl.float32)
+        v4 = tl.reshape(v, [NR, R, NCV, CV])
         new_ms = ()
         new_ls = ()
         new_accs = ()
@@ -173,7 +183,8 @@ def _sparse_attention_kernel(
             alpha = tl.exp2((ms[g] - m_use) * LOG2E)
             p = tl.exp2((x - m_use[None, :]) * LOG2E)            # 0 where not attended
             new_ls = new_ls + (ls[g] * alpha + tl.sum(p, axis=0),)
-            new_accs = new_accs + (accs[g] * alpha[:, None] + tl.sum(p[:, :, None] * v3, axis=0),)
+            pv = tl.sum(p[:, :, None, None] * v4, axis=0)        # [R, NCV, CV]
+            new_accs = new_accs + (accs[g] * alpha[:, None, None] + pv,)
             new_ms = new_ms + (m_new,)
         ms = new_ms
         ls = new_ls
@@ -188,8 +199,8 @@ def _sparse_attention_kernel(
         tl.store(ws_ml_ptr + (slot * 2) * G + g, m_g)
         tl.store(ws_ml_ptr + (slot * 2 + 1) * G + g, tl.sum(ls[g] * w, axis=0))
         tl.store(ws_cnt_ptr + slot * G + g, tl.sum(cs[g], axis=0))
-        tl.store(ws_acc_ptr + (slot * G + g) * DV + offs_dv,
-                 tl.sum(accs[g] * w[:, None], axis=0))
+        tl.store(ws_acc_ptr + (slot * G + g) * DV + d_v,
+                 tl.sum(accs[g] * w[:, None, None], axis=0))
 
     # every thread's stores are ordered before the ticket (CTA barrier + release at GPU scope)
     tl.debug_barrier()
@@ -197,6 +208,7 @@ def _sparse_attention_kernel(
     if ticket == num_splits - 1:
         # last arrival: merge the num_splits partials of this KV head (read from L2: .cg)
         offs_s = tl.arange(0, SPLIT_CHUNK)
+        offs_dv = tl.arange(0, DV)
         for g in tl.static_range(G):
             m_tot = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), axis=0)
             s0 = 0
@@ -271,20 +283,23 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _lanes(d: int, elem_bytes: int, num_warps: int) -> int:
-    """Row lanes R of Triton's coalesced layout for a [BLOCK_N, d] tile: 16-byte vectors per
-    thread along d, the rest of a warp's 32 threads along rows, warps along rows."""
-    per_thread = min(16 // elem_bytes, d)
-    threads_d = min(32, d // per_thread)
-    return (32 // threads_d) * num_warps
+def _config(d: int, dv: int, k_bytes: int, v_bytes: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, R, CK, CV, num_warps) for one program's tiles.
 
-
-def _config(g: int, d: int, dv: int, elem_bytes: int) -> tuple[int, int, int]:
-    """(BLOCK_N, R, num_warps) for one program's tile."""
+    A [BLOCK_N, D/CK, CK] tile gets Triton's coalesced layout: 16-byte vectors along CK, CK/vec
+    threads per row, the warp's other threads and all warps along rows, the D/CK chunks in
+    registers. THREADS_D = 8 threads per row balances shuffles (log2 8 levels per dot product)
+    against the registers holding q (G * D / 8 floats per thread). R = row lanes.
+    """
     num_warps = 4
-    r = _lanes(d, elem_bytes, num_warps)
-    block_n = max(r, 4096 // max(d, dv))
-    return block_n, r, num_warps
+    threads_d = 8
+    vk, vv = 16 // k_bytes, 16 // v_bytes
+    ck = min(d, vk * threads_d)
+    tk = ck // vk
+    cv = min(dv, vv * tk)
+    r = (32 // tk) * num_warps
+    block_n = max(r, 32)
+    return block_n, r, ck, cv, num_warps
 
 
 def _bound(name: str, value: int | torch.Tensor, device: torch.device
@@ -466,7 +481,7 @@ def sparse_attention(
 
     # ---- plan (host-known quantities only) ----
     g = hq // hkv
-    block_n, lanes, num_warps = _config(g, d, dv, keys.element_size())
+    block_n, lanes, ck, cv, num_warps = _config(d, dv, keys.element_size(), values.element_size())
     if bs_t is None and be_t is None:
         buf_max = be - bs
     else:
@@ -502,7 +517,8 @@ def sparse_attention(
         cap, max_c, num_splits,
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         cand_pos.stride(0) if sparse else 0,
-        G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, SPLIT_CHUNK=16, SPARSE=sparse,
+        G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
+        SPLIT_CHUNK=16, SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None,
         num_warps=num_warps, num_stages=1,

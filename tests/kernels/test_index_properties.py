@@ -177,8 +177,9 @@ def test_attend_matches_dense_softmax_over_attended_set(config, kind, dtype, gro
 
 def test_fixed_policy_and_empty_attention() -> None:
     gen = torch.Generator().manual_seed(2)
-    keys = torch.randn(1, 50, 16, generator=gen)
+    keys = torch.randn(1, 48, 16, generator=gen)
     index = LouverIndex.build(keys, keys.clone(), IndexConfig(buffer_size=8))
+    assert index.num_buffered == 0  # 48 keys: six whole segments of 8
     q = torch.randn(2, 16, generator=gen)
     res = index.attend(q, Fixed(1.0e9))  # nothing indexed reaches tau; buffer is empty
     assert torch.equal(res.output, torch.zeros(2, 16))
@@ -186,7 +187,10 @@ def test_fixed_policy_and_empty_attention() -> None:
     assert torch.equal(res.num_attended, torch.zeros(2, dtype=torch.long))
     assert bool((res.dropped_mass_bound == 1.0).all())
     res = index.attend(q, Fixed([-1.0e9, 1.0e9]))
-    assert res.num_attended.tolist() == [50, 0]
+    assert res.num_attended.tolist() == [48, 0]
+    index.append(torch.randn(1, 3, 16, generator=gen), torch.randn(1, 3, 16, generator=gen))
+    assert (index.num_indexed, index.num_buffered) == (48, 3)
+    assert index.attend(q, Fixed(1.0e9)).num_attended.tolist() == [3, 3]
 
 
 def test_empty_index_attends_buffer_only() -> None:
@@ -243,9 +247,10 @@ def test_coarse_quant_bounds_are_sound_and_ordered(bits, kind, dtype, n, seed) -
     gen = torch.Generator().manual_seed(seed)
     keys = make_keys(kind, 2, n, 32, dtype, gen)
     index = LouverIndex.build(keys, keys.clone(),
-                              IndexConfig(kind=IndexKind.QUANT, quant_bits=bits, quant_group=8))
+                              IndexConfig(kind=IndexKind.QUANT, quant_bits=bits, quant_group=8,
+                                          buffer_size=8))
     q = make_keys("random", 6, 1, 32, dtype, gen).reshape(6, 32)
-    s = all_scores(index, q)
+    s = all_scores(index, q)[:, : index.num_indexed]
     full = index.bounds(q)
     assert bool((full >= s).all())
     for top in range(1, bits + 1):
