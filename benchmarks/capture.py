@@ -65,7 +65,6 @@ Progress = Callable[[str], None]
 
 def load_model(progress: bool = True) -> tuple[Any, Any]:
     """Load SmolLM2-135M-Instruct (float32, eval, CPU) and its tokenizer from the local package."""
-    _guard_kernels_shadow()
     from louver_client.smollm2 import load_smollm2
 
     return load_smollm2(progress=progress)

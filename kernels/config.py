@@ -31,8 +31,10 @@ class IndexConfig:
         quant_coarse_bits: QUANT: planes read by the kernels' first pass (1..quant_bits); keys
             whose coarse bound reaches tau have their remaining planes read.
         quant_group: QUANT: channels per residual-norm group (divides D).
-        sink_tokens: first positions whose exact score always feeds the threshold's m_lo.
-        probe_keys: keys with the largest bound whose exact score also feeds m_lo.
+        sink_tokens: first positions whose exact score feeds the threshold's m_lo.
+        probe_recent: the most recent positions whose exact score also feeds m_lo (the buffer
+            and the end of the index; DESIGN measured the first 4 and last 256 keys to hold the
+            true maximum in most (head, step) cases).
         softmax_scale: attention scale; None means 1/sqrt(D).
     """
 
@@ -44,7 +46,7 @@ class IndexConfig:
     quant_coarse_bits: int | None = None
     quant_group: int = 16
     sink_tokens: int = 4
-    probe_keys: int = 16
+    probe_recent: int = 256
     softmax_scale: float | None = None
 
     def __post_init__(self) -> None:
@@ -58,7 +60,7 @@ class IndexConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"IndexConfig.{name} must be an integer >= 1, got {value!r}")
-        for name in ("sink_tokens", "probe_keys"):
+        for name in ("sink_tokens", "probe_recent"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"IndexConfig.{name} must be an integer >= 0, got {value!r}")

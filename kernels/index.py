@@ -5,10 +5,10 @@ Layout (per layer, per KV head, contiguous, growing by amortized doubling):
     keys    [Hkv, cap, D]   stored dtype (float16, bfloat16 or float32)
     values  [Hkv, cap, Dv]
     positions [0, num_indexed) are in the index; [num_indexed, num_keys) are the recent buffer,
-    which is always attended exactly. The index grows by whole segments of B = ``buffer_size``
-    keys aligned to multiples of B: a build indexes the prefill's whole segments and leaves the
-    rest in the buffer; when the buffer holds B keys, they are encoded (clustered or quantized,
-    locally) and appended to the index records.
+    which is always attended exactly. A build indexes the whole prefill; when the buffer holds
+    B = ``buffer_size`` keys, they are encoded (clustered or quantized, locally) and appended to
+    the index records. QUANT keeps one quantization range per segment [jB, (j+1)B) of positions;
+    the last segment may be partial and is re-encoded when a flush fills it.
 
 Index records per kind (fixed width per key, so a GPU kernel reads them coalesced):
 
@@ -159,7 +159,7 @@ class LouverIndex:
             raise ValueError("keys/values need at least one head and one dimension")
         index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig())
         index._store(keys, values)
-        index._index_segments()
+        index._index_pending()
         return index
 
     @staticmethod
@@ -259,13 +259,12 @@ class LouverIndex:
         index. Nothing is changed if validation fails.
         """
         self._store(keys, values)
-        self._index_segments()
+        if self.num_buffered >= self.config.buffer_size:
+            self._index_pending()
 
-    def _index_segments(self) -> None:
-        """Index every whole segment of B buffered keys (the buffer keeps fewer than B)."""
-        seg = self.config.buffer_size
-        start = self.num_indexed
-        end = start + (self.num_keys - start) // seg * seg
+    def _index_pending(self) -> None:
+        """Index every stored key (the buffer becomes empty)."""
+        start, end = self.num_indexed, self.num_keys
         if end <= start:
             return
         k = self._keys[:, start:end]
@@ -292,22 +291,34 @@ class LouverIndex:
         self._rmax = torch.maximum(self._rmax, radii.reshape(hkv, -1).amax(dim=1))
 
     def _encode_quant(self, k: torch.Tensor, start: int, end: int) -> None:
+        """Encode positions [start, end): whole segments at once, then a partial last one. A
+        partial segment already in the index is re-encoded over all of its keys."""
+        seg = self.config.buffer_size
+        first = start // seg * seg                   # re-fit a partial segment from its start
+        whole_end = first + (end - first) // seg * seg
+        if whole_end > first:
+            self._encode_quant_segments(first, whole_end, seg)
+        if end > whole_end:
+            self._encode_quant_segments(whole_end, end, end - whole_end)
+
+    def _encode_quant_segments(self, start: int, end: int, size: int) -> None:
+        """Encode [start, end) (start a multiple of buffer_size) as segments of ``size`` keys."""
         cfg = self.config
+        k = self._keys[:, start:end]
         hkv, t, d = k.shape
-        seg = cfg.buffer_size
-        ks = k.reshape(hkv, t // seg, seg, d)
+        ks = k.reshape(hkv, t // size, size, d)
         lo, step = ref.quant_fit_range(ks, cfg.quant_bits)
         codes, err = ref.quant_encode(ks, lo, step, cfg.quant_bits, cfg.quant_group)
         codes = codes.reshape(hkv, t, d)
-        err = err.reshape(hkv, t, -1)
-        self._lo[:, start // seg: end // seg] = lo
-        self._step[:, start // seg: end // seg] = step
+        s0 = start // cfg.buffer_size
+        self._lo[:, s0: s0 + t // size] = lo
+        self._step[:, s0: s0 + t // size] = step
         self._lmax = torch.maximum(self._lmax, ref.round_up_f32(lo.double().norm(dim=-1)
                                                                 .amax(dim=1)))
         self._codes[:, start:end] = ref.pack_planes(codes, cfg.quant_bits) if self._planar \
             else codes
-        self._err[:, start:end] = err
-        emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=1))
+        self._err[:, start:end] = err.reshape(hkv, t, -1)
+        emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=2).amax(dim=1))
         self._rmax = torch.maximum(self._rmax, emax)
 
     # ------------------------------------------------------------------ accessors
@@ -376,12 +387,13 @@ class LouverIndex:
         else:
             if n == 0:
                 return torch.empty(q.shape[0], 0, device=self.device)
-            nseg = n // self.config.buffer_size
-            codes = self._codes[:, :n]
+            seg = self.config.buffer_size
+            nseg = -(-n // seg)
+            codes, err = self._codes[:, : nseg * seg], self._err[:, : nseg * seg]
             if self._planar:
                 codes = ref.unpack_planes(codes, self.config.quant_bits).to(torch.uint8)
-            ub = ref.quant_bound(q, codes, self._err[:, :n], self._lo[:, :nseg],
-                                 self._step[:, :nseg], self.config.quant_bits, top)
+            ub = ref.quant_bound(q, codes, err, self._lo[:, :nseg], self._step[:, :nseg],
+                                 self.config.quant_bits, top)[:, :n]
             slack = ref.quant_slack(q, self._kmax, self._rmax, self._lmax,
                                     self.head_dim // self.config.quant_group)
         return ub + slack[:, None]
@@ -402,16 +414,18 @@ class LouverIndex:
 
     # ------------------------------------------------------------------ thresholds
 
-    def _probe_mask(self, ub: torch.Tensor) -> torch.Tensor:
-        """bool [Hq, num_indexed]: sinks and the keys with the largest bounds (exact scores of
-        these feed m_lo)."""
-        hq, n = ub.shape
-        probe = torch.zeros(hq, n, dtype=torch.bool, device=ub.device)
-        probe[:, : min(self.config.sink_tokens, n)] = True
-        k = min(self.config.probe_keys, n)
-        if k:
-            probe.scatter_(1, ub.topk(k, dim=1).indices, True)
-        return probe
+    def _probe_max(self, s_idx: torch.Tensor, s_buf: torch.Tensor) -> torch.Tensor:
+        """m_lo [Hq]: the largest exact score among the sink tokens and the most recent
+        ``probe_recent`` keys (buffer included); -inf when there are none. Any exact score is
+        <= the true maximum, which is all the policies need."""
+        cfg = self.config
+        n = s_idx.shape[1]
+        recent = max(cfg.probe_recent - s_buf.shape[1], 0)
+        parts = [s_idx[:, : min(cfg.sink_tokens, n)], s_idx[:, max(n - recent, 0):], s_buf]
+        probe = torch.cat(parts, dim=1)
+        if probe.shape[1] == 0:
+            return torch.full((s_idx.shape[0],), -math.inf, device=s_idx.device)
+        return probe.amax(dim=1)
 
     def _choose_tau(self, policy: Policy, ub: torch.Tensor, s_idx: torch.Tensor,
                     s_buf: torch.Tensor) -> torch.Tensor:
@@ -434,27 +448,24 @@ class LouverIndex:
             cand = ub >= t0[:, None]                         # holds every key scoring >= t0
             s_c = s_idx.masked_fill(~cand, -math.inf)
             return s_c.topk(policy.k, dim=1).values[:, -1]   # the true k-th largest score
-        probe = self._probe_mask(ub)
-        m_probe = s_idx.masked_fill(~probe, -math.inf).amax(dim=1)
-        m_buf = s_buf.amax(dim=1) if s_buf.shape[1] else neg_inf
-        m_lo = torch.maximum(m_probe, m_buf)
+        m_lo = self._probe_max(s_idx, s_buf)
         if isinstance(policy, Relative):
             return m_lo - math.log(1.0 / policy.eps) / self.scale
         if isinstance(policy, Mass):
-            return self._mass_tau(ub, m_probe, s_buf, policy.delta)
+            return self._mass_tau(ub, m_lo, s_buf, policy.delta)
         raise ValueError(f"unknown policy {policy!r}")
 
-    def _mass_tau(self, ub: torch.Tensor, m_probe: torch.Tensor, s_buf: torch.Tensor,
+    def _mass_tau(self, ub: torch.Tensor, m_lo: torch.Tensor, s_buf: torch.Tensor,
                   budget: float) -> torch.Tensor:
         """tau [Hq] whose keys with bound < tau carry certified mass <= budget, relative to a
-        normalizer every such tau keeps (the buffer and the best probe key, since tau <=
-        m_probe)."""
-        z_parts = [m_probe[:, None] * self.scale]
+        normalizer every such tau keeps (the buffer and the best probed key, since tau <=
+        m_lo)."""
+        # both the buffer and the best probed key stay attended; either sum is a lower bound
+        z_lo_log = m_lo * self.scale
         if s_buf.shape[1]:
-            z_parts.append(s_buf * self.scale)
-        z_lo_log = torch.logsumexp(torch.cat(z_parts, dim=1), dim=1)
+            z_lo_log = torch.maximum(z_lo_log, torch.logsumexp(s_buf * self.scale, dim=1))
         tau = mass_tau(ub.sort(dim=1, descending=True).values, z_lo_log, budget, self.scale)
-        return torch.minimum(tau, m_probe)
+        return torch.minimum(tau, m_lo)
 
     # ------------------------------------------------------------------ attention
 

@@ -167,7 +167,7 @@ def index_config_from_proto(msg: pb.IndexParams, default: IndexConfig,
         "quant_group": msg.quant_group or default.quant_group,
         "quant_coarse_bits": msg.quant_coarse_bits or None,
         "sink_tokens": default.sink_tokens,
-        "probe_keys": default.probe_keys,
+        "probe_recent": default.probe_recent,
         "softmax_scale": default.softmax_scale,
     }
     try:

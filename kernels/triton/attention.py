@@ -71,6 +71,25 @@ def _load_bound(ptr, value, ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
+def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
+                BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
+    """Positions of block ``blk`` of the virtual list: (pos int64, row valid, is candidate).
+
+    Rows of a block at or beyond ``blk_hi`` are invalid (their loads are masked off)."""
+    idx = blk * BLOCK_N + offs_n
+    live = (idx < total) & (blk < blk_hi)
+    is_cand = idx < n_cand
+    if SPARSE:
+        pos = tl.load(c_base + idx, mask=is_cand & live, other=0)
+    else:
+        pos = idx
+    pos = tl.where(is_cand, pos, b_start + (idx - n_cand))
+    # candidates outside [0, buffer_start) (a caller bug) are skipped, never read
+    row_ok = live & tl.where(is_cand, (pos >= 0) & (pos < b_start), True)
+    return pos.to(tl.int64), row_ok, is_cand
+
+
+@triton.jit
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, tau_ptr,
     cand_pos_ptr, cand_count_ptr,
@@ -83,7 +102,7 @@ def _sparse_attention_kernel(
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
+    G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr,
 ):
@@ -144,52 +163,78 @@ def _sparse_attention_kernel(
     # repeated in registers; viewed as [BLOCK_N // R, R, ...], axis 0 lives inside each thread.
     # The softmax state is kept per lane (m, l, acc of shape [R], [R], [R, NCV, CV]), so the loop
     # body reduces over rows without any cross-thread traffic; lanes are merged once at the end.
+    #
+    # Software pipeline (registers only): while block i is scored, the K rows of block i+1 and
+    # the candidate positions of block i+2 are in flight; the V rows of block i are requested
+    # right after its scores (only rows some head attends) and consumed at iteration i+1.
     blk = blk_lo
+    pos_c, ok_c, cand_c = _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
+                                      BLOCK_N, SPARSE)
+    k_c = tl.load(k_base + pos_c[:, None, None] * stride_kn + d_k[None, :, :],
+                  mask=ok_c[:, None, None], other=0.0)
+    pos_n, ok_n, cand_n = _block_rows(c_base, blk + 1, blk_hi, offs_n, n_cand, total, b_start,
+                                      BLOCK_N, SPARSE)
+    v_p = tl.zeros([BLOCK_N, NCV, CV], v_ptr.dtype.element_ty)
+    p_p = ()
+    for _g in tl.static_range(G):
+        p_p = p_p + (tl.zeros([NR, R], tl.float32),)
     while blk < blk_hi:
-        idx = blk * BLOCK_N + offs_n
-        is_cand = idx < n_cand
-        if SPARSE:
-            pos = tl.load(c_base + idx, mask=is_cand, other=0)
-        else:
-            pos = idx
-        pos = tl.where(is_cand, pos, b_start + (idx - n_cand))
-        # candidates outside [0, buffer_start) (a caller bug) are skipped, never read
-        row_ok = (idx < total) & tl.where(is_cand, (pos >= 0) & (pos < b_start), True)
-        pos64 = pos.to(tl.int64)
-
-        k = tl.load(k_base + pos64[:, None, None] * stride_kn + d_k[None, :, :],
-                    mask=row_ok[:, None, None], other=0.0).to(tl.float32)
+        k_n = tl.load(k_base + pos_n[:, None, None] * stride_kn + d_k[None, :, :],
+                      mask=ok_n[:, None, None], other=0.0)
+        pos_nn, ok_nn, cand_nn = _block_rows(c_base, blk + 2, blk_hi, offs_n, n_cand, total,
+                                             b_start, BLOCK_N, SPARSE)
+        # exact float32 scores of block i, the attend rule, per-lane counts
+        kf = k_c.to(tl.float32)
         xs = ()
-        any_att = row_ok & False
+        any_att = ok_c & False
         new_cs = ()
         for g in tl.static_range(G):
-            s = tl.sum(tl.sum(k * qs[g][None, :, :], axis=2), axis=1)   # [BLOCK_N] fp32 q.k
-            att = ((s >= taus[g]) | (~is_cand)) & row_ok
+            s = tl.sum(tl.sum(kf * qs[g][None, :, :], axis=2), axis=1)  # [BLOCK_N] fp32 q.k
+            att = ((s >= taus[g]) | (~cand_c)) & ok_c
             any_att = any_att | att
             xs = xs + (tl.where(att, s * scale, float("-inf")),)
             new_cs = new_cs + (cs[g] + tl.sum(tl.reshape(att.to(tl.int32), [NR, R]), axis=0),)
         cs = new_cs
-        # V rows only for keys some head attends (masked-off rows move no bytes)
-        v = tl.load(v_base + pos64[:, None, None] * stride_vn + d_v[None, :, :],
-                    mask=any_att[:, None, None], other=0.0).to(tl.float32)
-        v4 = tl.reshape(v, [NR, R, NCV, CV])
+        # V rows of block i, only for keys some head attends (masked-off rows move no bytes)
+        v_c = tl.load(v_base + pos_c[:, None, None] * stride_vn + d_v[None, :, :],
+                      mask=any_att[:, None, None], other=0.0)
+        # block i-1's P @ V (acc and p_p share the scale of m before this block), then the
+        # online-softmax update with block i
+        v4 = tl.reshape(v_p.to(tl.float32), [NR, R, NCV, CV])
         new_ms = ()
         new_ls = ()
         new_accs = ()
+        new_p = ()
         for g in tl.static_range(G):
+            acc = accs[g] + tl.sum(p_p[g][:, :, None, None] * v4, axis=0)   # [R, NCV, CV]
             x = tl.reshape(xs[g], [NR, R])
-            m_new = tl.maximum(ms[g], tl.max(x, axis=0))         # [R]
+            m_new = tl.maximum(ms[g], tl.max(x, axis=0))                    # [R]
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((ms[g] - m_use) * LOG2E)
-            p = tl.exp2((x - m_use[None, :]) * LOG2E)            # 0 where not attended
+            p = tl.exp2((x - m_use[None, :]) * LOG2E)                       # 0 if not attended
             new_ls = new_ls + (ls[g] * alpha + tl.sum(p, axis=0),)
-            pv = tl.sum(p[:, :, None, None] * v4, axis=0)        # [R, NCV, CV]
-            new_accs = new_accs + (accs[g] * alpha[:, None, None] + pv,)
+            new_accs = new_accs + (acc * alpha[:, None, None],)
             new_ms = new_ms + (m_new,)
+            new_p = new_p + (p,)
         ms = new_ms
         ls = new_ls
         accs = new_accs
+        p_p = new_p
+        v_p = v_c
+        k_c = k_n
+        pos_c = pos_n
+        ok_c = ok_n
+        cand_c = cand_n
+        pos_n = pos_nn
+        ok_n = ok_nn
+        cand_n = cand_nn
         blk += 1
+    # drain: the last block's P @ V
+    v4 = tl.reshape(v_p.to(tl.float32), [NR, R, NCV, CV])
+    new_accs = ()
+    for g in tl.static_range(G):
+        new_accs = new_accs + (accs[g] + tl.sum(p_p[g][:, :, None, None] * v4, axis=0),)
+    accs = new_accs
 
     # ---- merge the lanes and publish this split's partial ----
     slot = kh * num_splits + split
@@ -206,45 +251,46 @@ def _sparse_attention_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
     if ticket == num_splits - 1:
-        # last arrival: merge the num_splits partials of this KV head (read from L2: .cg)
+        # Last arrival: merge the num_splits partials of this KV head, all G heads at once
+        # (one pass, online max; partials are read from L2: .cg).
         offs_s = tl.arange(0, SPLIT_CHUNK)
+        offs_gp = tl.arange(0, G_P)
         offs_dv = tl.arange(0, DV)
-        for g in tl.static_range(G):
-            m_tot = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), axis=0)
-            s0 = 0
-            while s0 < num_splits:
-                sp = s0 + offs_s
-                m_s = tl.load(ws_ml_ptr + ((kh * num_splits + sp) * 2) * G + g,
-                              mask=sp < num_splits, other=float("-inf"), cache_modifier=".cg")
-                m_tot = tl.maximum(m_tot, tl.max(m_s, axis=0))
-                s0 += SPLIT_CHUNK
-            m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
-            l_tot = tl.sum(tl.zeros([SPLIT_CHUNK], tl.float32), axis=0)
-            n_tot = tl.sum(tl.zeros([SPLIT_CHUNK], tl.int32), axis=0)
-            o_tot = tl.zeros([DV], tl.float32)
-            s0 = 0
-            while s0 < num_splits:
-                sp = s0 + offs_s
-                s_ok = sp < num_splits
-                sl = kh * num_splits + sp
-                m_s = tl.load(ws_ml_ptr + (sl * 2) * G + g, mask=s_ok, other=float("-inf"),
-                              cache_modifier=".cg")
-                l_s = tl.load(ws_ml_ptr + (sl * 2 + 1) * G + g, mask=s_ok, other=0.0,
-                              cache_modifier=".cg")
-                c_s = tl.load(ws_cnt_ptr + sl * G + g, mask=s_ok, other=0, cache_modifier=".cg")
-                a_s = tl.load(ws_acc_ptr + (sl[:, None] * G + g) * DV + offs_dv[None, :],
-                              mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
-                w_s = tl.exp2((m_s - m_ref) * LOG2E)                  # [SPLIT_CHUNK]
-                l_tot += tl.sum(l_s * w_s, axis=0)
-                n_tot += tl.sum(c_s, axis=0)
-                o_tot += tl.sum(a_s * w_s[:, None], axis=0)
-                s0 += SPLIT_CHUNK
-            has = l_tot > 0.0
-            l_safe = tl.where(has, l_tot, 1.0)
-            qh = kh * G + g
-            tl.store(out_ptr + qh * DV + offs_dv, tl.where(has, o_tot / l_safe, 0.0))
-            tl.store(lse_ptr + qh, tl.where(has, m_tot + tl.log(l_safe), float("-inf")))
-            tl.store(natt_ptr + qh, n_tot)
+        g_ok = offs_gp < G
+        m_tot = tl.full([G_P], float("-inf"), tl.float32)
+        l_tot = tl.zeros([G_P], tl.float32)
+        n_tot = tl.zeros([G_P], tl.int32)
+        o_tot = tl.zeros([G_P, DV], tl.float32)
+        s0 = 0
+        while s0 < num_splits:
+            sp = s0 + offs_s
+            sl = kh * num_splits + sp
+            msk = (sp < num_splits)[:, None] & g_ok[None, :]                 # [SC, G_P]
+            m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
+                          other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(ws_ml_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :], mask=msk,
+                          other=0.0, cache_modifier=".cg")
+            c_s = tl.load(ws_cnt_ptr + sl[:, None] * G + offs_gp[None, :], mask=msk, other=0,
+                          cache_modifier=".cg")
+            a_s = tl.load(ws_acc_ptr + (sl[:, None, None] * G + offs_gp[None, :, None]) * DV
+                          + offs_dv[None, None, :], mask=msk[:, :, None], other=0.0,
+                          cache_modifier=".cg")
+            m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2((m_tot - m_use) * LOG2E)
+            w_s = tl.exp2((m_s - m_use[None, :]) * LOG2E)                    # [SC, G_P]
+            l_tot = l_tot * alpha + tl.sum(l_s * w_s, axis=0)
+            o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
+            n_tot += tl.sum(c_s, axis=0)
+            m_tot = m_new
+            s0 += SPLIT_CHUNK
+        has = l_tot > 0.0
+        l_safe = tl.where(has, l_tot, 1.0)
+        qh = kh * G + offs_gp
+        o = tl.where(has[:, None], o_tot / l_safe[:, None], 0.0)
+        tl.store(out_ptr + qh[:, None] * DV + offs_dv[None, :], o, mask=g_ok[:, None])
+        tl.store(lse_ptr + qh, tl.where(has, m_tot + tl.log(l_safe), float("-inf")), mask=g_ok)
+        tl.store(natt_ptr + qh, n_tot, mask=g_ok)
         # leave the counter at zero for the next launch on this stream
         tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
 
@@ -501,6 +547,7 @@ def sparse_attention(
     ws_cnt = torch.empty(hkv * num_splits * g, dtype=torch.int32, device=device)
     ws_acc = torch.empty(hkv * num_splits * g * dv, dtype=torch.float32, device=device)
     counters = _counters(device, hkv)
+    g_p = 1 << (g - 1).bit_length()
 
     pos_arg = cand_pos if sparse else tau
     cnt_arg = cand_count if sparse else tau
@@ -518,7 +565,7 @@ def sparse_attention(
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         cand_pos.stride(0) if sparse else 0,
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
-        SPLIT_CHUNK=16, SPARSE=sparse,
+        G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None,
         num_warps=num_warps, num_stages=1,

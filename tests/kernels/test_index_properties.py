@@ -179,7 +179,7 @@ def test_fixed_policy_and_empty_attention() -> None:
     gen = torch.Generator().manual_seed(2)
     keys = torch.randn(1, 48, 16, generator=gen)
     index = LouverIndex.build(keys, keys.clone(), IndexConfig(buffer_size=8))
-    assert index.num_buffered == 0  # 48 keys: six whole segments of 8
+    assert index.num_buffered == 0  # a build indexes the whole prefill
     q = torch.randn(2, 16, generator=gen)
     res = index.attend(q, Fixed(1.0e9))  # nothing indexed reaches tau; buffer is empty
     assert torch.equal(res.output, torch.zeros(2, 16))
@@ -191,6 +191,8 @@ def test_fixed_policy_and_empty_attention() -> None:
     index.append(torch.randn(1, 3, 16, generator=gen), torch.randn(1, 3, 16, generator=gen))
     assert (index.num_indexed, index.num_buffered) == (48, 3)
     assert index.attend(q, Fixed(1.0e9)).num_attended.tolist() == [3, 3]
+    index.append(torch.randn(1, 5, 16, generator=gen), torch.randn(1, 5, 16, generator=gen))
+    assert (index.num_indexed, index.num_buffered) == (56, 0)
 
 
 def test_empty_index_attends_buffer_only() -> None:
