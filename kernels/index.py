@@ -31,16 +31,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-
 from louver_kernels import reference as ref
 from louver_kernels.config import IndexConfig, IndexKind
 from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK, mass_tau
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Keys must keep float32 scores finite: |k_i| <= 2^64 keeps q.k far below float32's max for any
-# query accepted here (|q_i| <= 2^48, D <= 2^12).
-_MAX_KEY_ABS = 2.0 ** 64
-_MAX_Q_ABS = 2.0 ** 48
+# query accepted here (|q_i| <= 2^48, D <= 2^12). Public: callers validate requests with them.
+MAX_KEY_ABS = 2.0 ** 64
+MAX_QUERY_ABS = 2.0 ** 48
 _MIN_CAPACITY = 256
 
 
@@ -237,8 +236,8 @@ class LouverIndex:
             raise ValueError("keys contain NaN or Inf (after conversion to the storage dtype)")
         if v.numel() and not bool(torch.isfinite(v).all()):
             raise ValueError("values contain NaN or Inf (after conversion to the storage dtype)")
-        if k.numel() and float(k.abs().max()) > _MAX_KEY_ABS:
-            raise ValueError(f"keys have entries above {_MAX_KEY_ABS:g} in magnitude; float32 "
+        if k.numel() and float(k.abs().max()) > MAX_KEY_ABS:
+            raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; float32 "
                              "scores would overflow")
         return k, v
 
@@ -356,8 +355,8 @@ class LouverIndex:
         q = q.to(self.device)
         if not bool(torch.isfinite(q).all()):
             raise ValueError("q contains NaN or Inf")
-        if float(q.abs().max()) > _MAX_Q_ABS:
-            raise ValueError(f"q has entries above {_MAX_Q_ABS:g} in magnitude")
+        if float(q.abs().max()) > MAX_QUERY_ABS:
+            raise ValueError(f"q has entries above {MAX_QUERY_ABS:g} in magnitude")
         return q
 
     def _validate_tau(self, tau: torch.Tensor | float | list[float], hq: int) -> torch.Tensor:
