@@ -37,13 +37,11 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import json
 import math
 import platform
 import re
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+
 from louver_kernels import reference as ref
 from louver_kernels.config import IndexConfig, IndexKind
 from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK, mass_tau
@@ -479,7 +480,6 @@ class LouverIndex:
             with float32 score >= tau (all of them are candidates: zero false negatives).
         """
         q = self._validate_q(q)
-        hq = q.shape[0]
         n, total = self.num_indexed, self.num_keys
         s_all = ref.scores(q, self._keys[:, :total])        # exact float32 [Hq, total]
         s_idx, s_buf = s_all[:, :n], s_all[:, n:]

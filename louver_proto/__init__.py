@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 _HERE = Path(__file__).resolve().parent
 _PROTO_CANDIDATES = (
@@ -37,7 +38,7 @@ def _generate(proto: Path, digest: str) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="_gen.", dir=_HERE))
     include = str(Path(protoc.__file__).parent / "_proto")
     rc = protoc.main(["protoc", f"-I{proto.parent}", f"-I{include}", f"--python_out={tmp}",
-                      f"--grpc_python_out={tmp}", str(proto)])
+                      f"--pyi_out={tmp}", f"--grpc_python_out={tmp}", str(proto)])
     if rc != 0:
         raise RuntimeError(f"protoc failed on {proto} (exit {rc})")
     grpc_file = tmp / "louver_pb2_grpc.py"
@@ -74,7 +75,11 @@ def _load() -> tuple[ModuleType, ModuleType]:
             importlib.import_module(f"{__name__}._gen.louver_pb2_grpc"))
 
 
-pb, pb_grpc = _load()
+if TYPE_CHECKING:  # type checkers read the generated stubs (generated on first import)
+    from louver_proto._gen import louver_pb2 as pb
+    from louver_proto._gen import louver_pb2_grpc as pb_grpc
+else:
+    pb, pb_grpc = _load()
 
 SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["Louver"].full_name
 

@@ -25,18 +25,18 @@ class CodecError(ValueError):
     """A message field cannot be decoded into a valid value."""
 
 
-_TO_PB = {
+_TO_PB: dict[torch.dtype, pb.DType] = {
     torch.float32: pb.DTYPE_FLOAT32,
     torch.float16: pb.DTYPE_FLOAT16,
     torch.bfloat16: pb.DTYPE_BFLOAT16,
     torch.int64: pb.DTYPE_INT64,
     torch.int32: pb.DTYPE_INT32,
 }
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
+_FROM_PB: dict[int, torch.dtype] = {int(v): k for k, v in _TO_PB.items()}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def dtype_to_proto(dtype: torch.dtype) -> int:
+def dtype_to_proto(dtype: torch.dtype) -> pb.DType:
     """The wire enum of a torch dtype; CodecError for unsupported dtypes."""
     try:
         return _TO_PB[dtype]
@@ -44,10 +44,10 @@ def dtype_to_proto(dtype: torch.dtype) -> int:
         raise CodecError(f"dtype {dtype} is not supported on the wire") from None
 
 
-def dtype_from_proto(value: int, field: str = "dtype") -> torch.dtype:
+def dtype_from_proto(value: pb.DType | int, field: str = "dtype") -> torch.dtype:
     """The torch dtype of a wire enum value; CodecError if unspecified or unknown."""
     try:
-        return _FROM_PB[value]
+        return _FROM_PB[int(value)]
     except KeyError:
         raise CodecError(f"{field}: unsupported or unspecified dtype enum {value}") from None
 
@@ -86,7 +86,8 @@ def tensor_from_proto(
     if any(d < 0 for d in dims):
         raise CodecError(f"{field}: negative dimension in shape {dims}")
     if shape is not None:
-        if len(dims) != len(shape) or any(e is not None and e != d for e, d in zip(shape, dims)):
+        if len(dims) != len(shape) or any(
+                e is not None and e != d for e, d in zip(shape, dims, strict=True)):
             want = ["*" if e is None else e for e in shape]
             raise CodecError(f"{field}: shape {dims} does not match expected {want}")
     numel = math.prod(dims)
@@ -141,8 +142,9 @@ def policy_from_proto(msg: pb.ThresholdPolicy, field: str = "policy") -> Policy 
     raise CodecError(f"{field}: unknown policy {which!r}")  # pragma: no cover
 
 
-_KIND_TO_PB = {IndexKind.BALLS: pb.INDEX_KIND_BALLS, IndexKind.QUANT: pb.INDEX_KIND_QUANT}
-_KIND_FROM_PB = {v: k for k, v in _KIND_TO_PB.items()}
+_KIND_TO_PB: dict[IndexKind, pb.IndexKind] = {IndexKind.BALLS: pb.INDEX_KIND_BALLS,
+                                              IndexKind.QUANT: pb.INDEX_KIND_QUANT}
+_KIND_FROM_PB: dict[int, IndexKind] = {int(v): k for k, v in _KIND_TO_PB.items()}
 
 
 def index_config_to_proto(config: IndexConfig) -> pb.IndexParams:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-from louver_kernels import AttendOutput, Policy
 
+from louver_kernels import AttendOutput, Policy
 from louver_service.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
 from louver_service.metrics import Metrics
 from louver_service.sessions import LayerState, Session, SessionStore

@@ -27,8 +27,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import torch
-from louver_kernels import IndexConfig, LouverIndex, Policy
 
+from louver_kernels import IndexConfig, LouverIndex, Policy
 from louver_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from louver_service.metrics import Metrics
 

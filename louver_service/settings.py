@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import torch
-from louver_kernels.config import IndexConfig, IndexKind
-from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from louver_kernels.config import IndexConfig, IndexKind
+from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK
 
 GiB = 1 << 30
 MiB = 1 << 20

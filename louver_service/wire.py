@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+
 from louver_kernels import Fixed, IndexConfig, Policy
 from louver_kernels.index import MAX_KEY_ABS, MAX_QUERY_ABS
-
 from louver_proto import codec, pb
 from louver_service.engine import (
     AppendChunk,

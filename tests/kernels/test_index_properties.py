@@ -227,7 +227,8 @@ def test_bad_input_raises_value_error(bad) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="nope"), dict(num_subspaces=0),
-                                    dict(quant_bits=9), dict(quant_bits=4, quant_coarse_bits=5), dict(buffer_size=0),
+                                    dict(quant_bits=9), dict(quant_bits=4, quant_coarse_bits=5),
+                                    dict(buffer_size=0),
                                     dict(softmax_scale=-1.0)])
 def test_bad_config(kwargs) -> None:
     with pytest.raises(ValueError):

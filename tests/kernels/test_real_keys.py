@@ -1,4 +1,4 @@
-"""The zero-false-negative contract and the certificate on real SmolLM2 keys, decoded step by step."""
+"""Zero false negatives and the certificate on real SmolLM2 keys, decoded step by step."""
 
 from __future__ import annotations
 

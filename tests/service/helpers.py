@@ -12,8 +12,8 @@ from typing import Any
 
 import grpc
 import torch
-from louver_kernels import reference as ref
 
+from louver_kernels import reference as ref
 from louver_proto import codec, pb, pb_grpc
 from louver_service import LouverServer, Settings, start_server
 

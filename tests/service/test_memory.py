@@ -8,9 +8,9 @@ from collections.abc import Callable
 import grpc
 import pytest
 import torch
-from louver_kernels import IndexConfig, LouverIndex
 from prometheus_client.parser import text_string_to_metric_families
 
+from louver_kernels import IndexConfig, LouverIndex
 from louver_proto import pb
 from tests.service.helpers import (
     DV,

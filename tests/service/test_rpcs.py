@@ -10,8 +10,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from louver_kernels import reference as ref
 
+from louver_kernels import reference as ref
 from louver_proto import SERVICE_NAME, codec, pb, pb_grpc
 from louver_service import wire
 from louver_service.errors import DeadlineExceeded

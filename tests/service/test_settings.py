@@ -9,8 +9,8 @@ import grpc
 import pydantic
 import pytest
 import torch
-from louver_kernels import IndexKind, Relative, TopK
 
+from louver_kernels import IndexKind, Relative, TopK
 from louver_proto import codec, pb
 from louver_service.settings import Settings, settings_from_args
 from tests.service.helpers import ServerThread, create, query, status_of

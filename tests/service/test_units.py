@@ -6,8 +6,8 @@ import asyncio
 
 import grpc
 import torch
-from louver_kernels import IndexConfig, Relative
 
+from louver_kernels import IndexConfig, Relative
 from louver_proto.codec import CodecError
 from louver_service.engine import AttendJob, plan_batches
 from louver_service.errors import ResourceExhausted, Unavailable, to_status
