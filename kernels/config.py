@@ -38,11 +38,11 @@ class IndexConfig:
         softmax_scale: attention scale; None means 1/sqrt(D).
     """
 
-    kind: IndexKind = IndexKind.BALLS
+    kind: IndexKind = IndexKind.QUANT
     num_subspaces: int = 4
     cluster_size: int = 4
     buffer_size: int = 256
-    quant_bits: int = 7
+    quant_bits: int = 6
     quant_coarse_bits: int | None = None
     quant_group: int = 16
     sink_tokens: int = 4

@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from louver_kernels.config import IndexConfig, IndexKind
 from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK
 
+_INDEX = IndexConfig()  # the kernels' defaults are the server's defaults
+
 GiB = 1 << 30
 MiB = 1 << 20
 CPU_MEMORY_BUDGET_BYTES = 4 * GiB
@@ -78,15 +80,19 @@ class Settings(BaseSettings):
                                              "runs on the event loop; larger runs in a thread")
     compute_threads: int = Field(default=2, ge=1, description="worker threads for index builds "
                                                               "and large attention calls")
-    index_kind: IndexKind = Field(default=IndexKind.BALLS, description="default index kind")
-    index_num_subspaces: int = Field(default=4, ge=1, description="default BALLS subspaces")
-    index_cluster_size: int = Field(default=4, ge=1,
+    index_kind: IndexKind = Field(default=_INDEX.kind, description="default index kind")
+    index_num_subspaces: int = Field(default=_INDEX.num_subspaces, ge=1,
+                                     description="default BALLS subspaces")
+    index_cluster_size: int = Field(default=_INDEX.cluster_size, ge=1,
                                     description="default BALLS keys per cluster")
-    index_buffer_size: int = Field(default=256, ge=1,
-                                   description="default recent-token buffer")
-    index_quant_bits: int = Field(default=8, description="default QUANT bits (4 or 8)")
-    index_quant_group: int = Field(default=16, ge=1,
-                                   description="default QUANT channels per group")
+    index_buffer_size: int = Field(default=_INDEX.buffer_size, ge=1,
+                                   description="default recent-token buffer (and QUANT segment)")
+    index_quant_bits: int = Field(default=_INDEX.quant_bits, ge=2, le=8,
+                                  description="default QUANT bits per channel")
+    index_quant_coarse_bits: int = Field(default=_INDEX.quant_coarse_bits or 4, ge=1, le=8,
+                                         description="default QUANT planes of the first pass")
+    index_quant_group: int = Field(default=_INDEX.quant_group, ge=1,
+                                   description="default QUANT channels per residual group")
     default_policy: str = Field(default="relative:1e-3",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "
@@ -152,6 +158,8 @@ class Settings(BaseSettings):
         return IndexConfig(kind=self.index_kind, num_subspaces=self.index_num_subspaces,
                            cluster_size=self.index_cluster_size,
                            buffer_size=self.index_buffer_size, quant_bits=self.index_quant_bits,
+                           quant_coarse_bits=min(self.index_quant_coarse_bits,
+                                                 self.index_quant_bits),
                            quant_group=self.index_quant_group)
 
     def policy(self) -> Policy:

@@ -157,7 +157,11 @@ BAD_CALLS: list[tuple[str, Callable[[pb_grpc.LouverStub, str], object], grpc.Sta
         geometry=pb.ModelGeometry(num_layers=1, num_q_heads=2, num_kv_heads=1,
                                   head_dim=8))), INVALID),
     ("subspaces not dividing D", lambda s, i: s.CreateSession(pb.CreateSessionRequest(
-        geometry=geometry(), index=pb.IndexParams(num_subspaces=5))), INVALID),
+        geometry=geometry(), index=pb.IndexParams(kind=pb.INDEX_KIND_BALLS, num_subspaces=5))),
+     INVALID),
+    ("quant group not dividing D", lambda s, i: s.CreateSession(pb.CreateSessionRequest(
+        geometry=geometry(), index=pb.IndexParams(kind=pb.INDEX_KIND_QUANT, quant_group=5))),
+     INVALID),
     ("bad default policy", lambda s, i: s.CreateSession(pb.CreateSessionRequest(
         geometry=geometry(), default_policy=_policy(topk=pb.TopKPolicy(k=0)))), INVALID),
 ]

@@ -48,7 +48,7 @@ def test_session_lifecycle(stub: pb_grpc.LouverStub) -> None:
     assert info.session_id == sid
     assert info.geometry.value_dim == 32  # 0 resolved to head_dim
     assert info.index.cluster_size == 8 and info.index.num_subspaces == 4  # defaults filled
-    assert info.index.kind == pb.INDEX_KIND_BALLS
+    assert info.index.kind == pb.INDEX_KIND_QUANT and info.index.quant_bits == 6
     assert info.default_policy.topk.k == 5
     assert list(info.layer_tokens) == [0, 0]
     assert info.created_unix_s > 0
