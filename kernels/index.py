@@ -52,7 +52,9 @@ class AttendOutput:
         output: float32 [Hq, Dv], softmax(scale * q.k) over the attended keys, times V.
         lse: float32 [Hq], logsumexp(scale * q.k) over the attended keys (-inf if none).
         tau: float32 [Hq], the threshold used (raw score; -inf for Dense).
-        num_candidates: int64 [Hq], keys whose bound reached tau, plus the buffer.
+        num_candidates: int64 [Hq], keys whose exact score was computed for the head: the
+            indexed keys whose bound reached tau for any query head of its GQA group, plus
+            the buffer.
         num_attended: int64 [Hq], keys in the softmax (score >= tau, plus the buffer).
         dropped_mass_bound: float32 [Hq], an upper bound of the probability mass that the
             skipped keys would have had in a dense softmax over all keys.
@@ -516,17 +518,23 @@ class LouverIndex:
                  tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidates, attended indexed keys and the dropped-mass certificate for tau.
 
+        A key is a candidate of a GQA group when its bound reaches tau for any query head of
+        the group: the kernels read it once per KV head and compute its exact score for every
+        head of the group.
+
         Args:
             ub, s_idx: float32 [Hq, n] bounds and exact scores of the indexed keys;
             s_buf: float32 [Hq, b] exact scores of the buffer; tau: float32 [Hq].
         Returns:
-            cand bool [Hq, n] (ub >= tau), attend_idx bool [Hq, n] (cand and s >= tau), and the
-            certificate float64 [Hq]: skipped keys enter with their bound (not candidates) or
-            their exact score (candidates below tau); with P >= the true skipped sum and A the
-            attended sum, the skipped probability mass is <= P / (A + P).
+            cand bool [Hq, n] (the group's candidates), attend_idx bool [Hq, n] (candidates with
+            s >= tau), and the certificate float64 [Hq]: skipped keys enter with their bound
+            (not candidates) or their exact score (candidates below tau); with P >= the true
+            skipped sum and A the attended sum, the skipped probability mass is <= P / (A + P).
         """
         hq, n = ub.shape
-        cand = ub >= tau[:, None]
+        hkv = self.num_kv_heads
+        reach = (ub >= tau[:, None]).reshape(hkv, hq // hkv, n)
+        cand = reach.any(dim=1, keepdim=True).expand_as(reach).reshape(hq, n)
         attend_idx = cand & (s_idx >= tau[:, None])
         skipped = torch.where(cand, s_idx, ub).masked_fill(attend_idx, -math.inf).double()
         attended = torch.cat([s_idx.masked_fill(~attend_idx, -math.inf), s_buf], dim=1).double()
