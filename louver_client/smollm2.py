@@ -86,3 +86,43 @@ def stdlib_text(min_chars: int, skip: int = 0) -> str:
     if len(text) < min_chars:
         raise RuntimeError(f"only {len(text)} characters of docstrings available")
     return text
+
+
+def long_prompt(tokenizer: Any, min_tokens: int, question: str, *, skip: int = 0,
+                needle: str | None = None, where: float = 0.5, preamble: str = "",
+                answer_prefix: str = "") -> Any:
+    """A chat prompt of at least ``min_tokens`` tokens over real text (:func:`stdlib_text`).
+
+    The user turn is ``preamble``, the docstrings (with ``needle`` inserted at a line break
+    near fraction ``where`` of the text, if given) and ``question``; the assistant turn starts
+    with ``answer_prefix``. Deterministic for a given Python version and tokenizer.
+
+    Returns:
+        input_ids, int64 [1, L] with L >= min_tokens.
+    """
+    chars = max(2000, int(min_tokens * 3.2))
+    while True:
+        text = stdlib_text(chars, skip=skip)
+        if needle is not None:
+            cut = max(0, text.rfind("\n", 0, int(len(text) * where)))
+            text = f"{text[:cut]}\n\n{needle}\n\n{text[cut:]}"
+        body = f"{preamble}{text}\n\n{question}"
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": body}],
+                                             add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(chat + answer_prefix, return_tensors="pt").input_ids
+        if ids.shape[1] >= min_tokens:
+            return ids
+        chars = int(chars * 1.1 * min_tokens / ids.shape[1]) + 200
+
+
+def passkey_prompt(tokenizer: Any, min_tokens: int, passkey: int, *, skip: int = 20,
+                   where: float = 0.7) -> Any:
+    """A passkey-retrieval prompt (:func:`long_prompt`): "The pass key is N" hidden at ``where``
+    in the docstrings, "What is the pass key?" at the end, the answer started with "The pass key
+    is". Returns input_ids int64 [1, L]."""
+    return long_prompt(
+        tokenizer, min_tokens, "What is the pass key?", skip=skip, where=where,
+        needle=f"The pass key is {passkey}. Remember it. {passkey} is the pass key.",
+        preamble="There is an important piece of information hidden inside a lot of irrelevant "
+                 "text. Find it and memorize it. I will quiz you about it.\n\n",
+        answer_prefix="The pass key is")
