@@ -36,6 +36,10 @@ class IndexConfig:
             and the end of the index; DESIGN measured the first 4 and last 256 keys to hold the
             true maximum in most (head, step) cases).
         softmax_scale: attention scale; None means 1/sqrt(D).
+        backend: "torch" (the plain-torch implementation, on any device) or "triton" (the
+            Triton kernels for a QUANT index's Fixed/Relative/Dense steps, on CUDA tensors, or
+            on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1). "auto" is "torch"
+            until the kernel step beats it on the GPU benchmark.
     """
 
     kind: IndexKind = IndexKind.QUANT
@@ -48,6 +52,7 @@ class IndexConfig:
     sink_tokens: int = 4
     probe_recent: int = 256
     softmax_scale: float | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, IndexKind):
@@ -72,6 +77,11 @@ class IndexConfig:
                 and 1 <= self.quant_coarse_bits <= self.quant_bits):
             raise ValueError(f"IndexConfig.quant_coarse_bits must be in 1..quant_bits, got "
                              f"{self.quant_coarse_bits!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"IndexConfig.backend must be auto, torch or triton, got "
+                             f"{self.backend!r}")
+        if self.backend == "triton" and self.kind is not IndexKind.QUANT:
+            raise ValueError("the Triton backend implements the QUANT index kind only")
         if self.softmax_scale is not None and not (
             math.isfinite(self.softmax_scale) and self.softmax_scale > 0
         ):

@@ -129,14 +129,19 @@ class LouverIndex:
             self._num_clusters = 0
         else:
             groups = head_dim // config.quant_group
-            # bit planes on CUDA (the kernels' layout), one byte per code elsewhere
-            self._planar = self.device.type == "cuda"
+            # bit planes for the Triton kernels, one byte per code for the torch backend
+            self._planar = self.uses_triton
             shape = (h, 0, config.quant_bits, head_dim // 8) if self._planar else (h, 0, head_dim)
             self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
             self._lo = torch.empty(h, 0, head_dim, device=self.device)
             self._step = torch.empty(h, 0, head_dim, device=self.device)
             self._lmax = torch.zeros(num_kv_heads, device=self.device)
+
+    @property
+    def uses_triton(self) -> bool:
+        """Whether attend() runs the Triton kernels (see IndexConfig.backend)."""
+        return self.config.kind is IndexKind.QUANT and self.config.backend == "triton"
 
     # ------------------------------------------------------------------ construction / growth
 
@@ -482,6 +487,10 @@ class LouverIndex:
             with float32 score >= tau (all of them are candidates: zero false negatives).
         """
         q = self._validate_q(q)
+        if self.uses_triton and isinstance(policy, (Fixed, Relative, Dense)):
+            from louver_kernels.triton import decode
+
+            return decode.attend(self, q, policy)
         n, total = self.num_indexed, self.num_keys
         s_all = ref.scores(q, self._keys[:, :total])        # exact float32 [Hq, total]
         s_idx, s_buf = s_all[:, :n], s_all[:, n:]

@@ -41,30 +41,39 @@ The real value of sum_d qs_d c1_d + sum_d qs_d (u_d / S) is the reference's
 sum_d fl(q_d step_d) c_d; each dot term of the reference becomes two products with the same two
 rounded factors (u_d / S is exact), so the full bound is a float32 sum of 3D + G terms with at
 most three rounded factors each: the count the slack of reference.quant_slack is proven for
-(3D + 2G + 8). The coarse bound has the reference's terms one for one. Both stages read the
-residual norms e (the coarse bound needs them); no per-head maximum of ||e|| is used, so the
-coarse bound is the reference's function, never a looser one.
+(3D + 2G + 8). The coarse bound has the reference's terms one for one. The per-channel constant
+terms are accumulated by each thread together with its dot-product terms and reduced with them
+(another summation order of the same terms). lo and step are those of the key's segment. Both
+stages read the residual norms e (the coarse bound needs them); no per-head maximum of ||e|| is
+used, so the coarse bound is the reference's function, never a looser one.
 
 Bit unpacking
 -------------
 Plane j holds bit (bits - 1 - j) of every code; channel 8i + k is bit k of byte i. For a chunk
 of m <= 4 planes j0 .. j0 + m - 1 the kernel forms, per byte i, the word
-W = sum_t B_{j0+t} << 8t, then per channel k
+W = sum_t B_{j0+t} << 8t (and W' = W << 4 once), then per channel k, with k' = k + 4 and the
+source W' when k < 4 (bit k of every byte of W sits at bit k' of the byte in W'), else k' = k
+and the source W:
 
-    x = (W >> k) & 0x01010101            bit t of the chunk's code now sits at bit 8t
-    c = ((x * MUL_m) >> 24) & (2^m - 1)   MUL_m = sum_t 2^(23 + m - 9t)
+    x = src & (0x01010101 << k')          bit t of the chunk's code sits at bit 8t + k'
+    c = umulhi(x, MUL) & (2^m - 1)        MUL = sum_t 2^(31 + m - 9t - k') < 2^32
 
-Bit t lands at 24 + (m - 1 - t) (the chunk's most significant plane highest); every other
-product bit 2^(23 + m + 8i - 9t), i != t, lies outside [24, 24 + m) and the 16 products are
-distinct powers of two, so no carry disturbs the code. The integer code (< 2^8) becomes a float
-with one OR and one subtraction: bitcast(c | bits(2^23)) - 2^23 = c exactly; with the exponent
-of 2^(23 - s) instead, the same two operations give u / S exactly.
+(umulhi: bits 32..63 of the 64-bit product). The product of bit t with the term t of MUL lands
+at 32 + (m - 1 - t): the code, most significant plane highest, at bits 0..m-1 of the high word;
+every cross product (bit i, term t != i) lies at 32 + (m - 1 - t) + 8(i - t), outside
+[32, 32 + m), and the m^2 products are distinct powers of two, so no carry reaches the code.
+k' >= 4 >= m keeps every exponent in [0, 31]. Three integer operations per channel and chunk
+(AND, IMAD.HI, AND). The integer code (< 2^8) becomes a float with one OR and one subtraction:
+bitcast(c | bits(2^23)) - 2^23 = c exactly; with the exponent of 2^(23 - s) instead, the same
+two operations give u / S exactly. (Checked in the tests: exhaustively for m <= 2.)
 
 Work decomposition
 ------------------
-Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of blocks of BLOCK_N keys of
-KV head kh (the range is computed on the device from num_indexed, so the grid depends only on
-the capacity when num_indexed is a device tensor). Per block it loads the coarse planes and the
+Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work items of KV head
+kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
+device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
+tensor. Per segment it forms the scaled query slices and constants from the segment's lo/step;
+per block it loads the coarse planes and the
 residual norms once for all G query heads (GQA), computes the G coarse bounds, and, only when
 some key of the block survives, loads the remaining planes of the survivors (masked loads move
 no bytes for the other rows) and computes the full bounds. Tiles are [T, BLOCK_N, V]: each
@@ -83,13 +92,20 @@ arrival merges the num_splits partials of its KV head, writes pruned_lse and can
 from the slot counter with an exchange that resets it to zero) and resets the ticket. So:
 one launch, no memset, no host synchronization; the counters live in a cached per-(device,
 stream) buffer that is zero at creation and left zero by every launch (launches on one stream
-are ordered; launches on different streams use different counters). Every output element is
-written by every launch: no pre-zeroing contract for the caller.
+are ordered; launches on different streams use different counters). cand_count and pruned_lse
+are written by every launch, cand_pos up to cand_count: no pre-zeroing contract for the caller.
+
+Measured (H200, benchmarks/bench_filter_gpu.py): 4-7 G keys/s per KV head, about 0.4-0.5 TB/s
+of index bytes: the kernel is bound by instruction issue and latency (~57 warp instructions per
+key and KV head for D=64, G=3; 168-255 registers, so 2-3 programs per SM; per-block barriers and
+a returning atomic), not by memory. With these keys 20-78 % of them survive the coarse stage, so
+nearly every block runs both stages.
 """
 
 from __future__ import annotations
 
 import math
+from typing import no_type_check
 
 import torch
 import triton
@@ -101,7 +117,6 @@ __all__ = ["quant_filter", "quant_filter_reference"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,25 +144,37 @@ def _chunk_word(row_ptr, mask, J0: tl.constexpr, M: tl.constexpr, stride_p):
 
 
 @triton.jit
-def _chunk_code(w, K: tl.constexpr, M: tl.constexpr, MUL: tl.constexpr):
-    """The M-bit code of channel bit K of every byte of ``w`` (see the module docstring)."""
-    x = (w >> K) & 0x01010101
-    return ((x * MUL) >> 24) & ((1 << M) - 1)
+def _mulhi_const(M: tl.constexpr, K2: tl.constexpr):
+    """uint32 sum_{t < M} 2^(31 + M - 9t - K2) (see _chunk_code)."""
+    mul = tl.full([], 1 << (31 + M - K2), tl.uint32)
+    for t in tl.static_range(1, M):
+        mul = mul | (1 << (31 + M - 9 * t - K2))
+    return mul
 
 
 @triton.jit
+def _chunk_code(w, w4, K: tl.constexpr, M: tl.constexpr):
+    """The M-bit code of channel bit K of every byte of ``w`` (w4 = w << 4), uint32."""
+    if K < 4:
+        hi = tl.umulhi(w4 & (0x01010101 << (K + 4)), _mulhi_const(M, K + 4))
+    else:
+        hi = tl.umulhi(w & (0x01010101 << K), _mulhi_const(M, K))
+    return hi & ((1 << M) - 1)
+
+
+@triton.jit
+@no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
 def _quant_filter_kernel(
     q_ptr, planes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
     cand_pos_ptr, cand_count_ptr, pruned_lse_ptr, ws_ptr, counter_ptr,
-    n_value, cap_out, seg_size, num_splits, scale_log2,
+    n_value, cap_out, seg_size, num_splits, scale_log2, magic_bits, fine_bits,
     stride_qh, stride_ph, stride_pn, stride_pp, stride_eh, stride_en, stride_lh, stride_ls,
     stride_ch,
     G: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, V: tl.constexpr, T: tl.constexpr,
     NG: tl.constexpr, NGT: tl.constexpr, GRP: tl.constexpr, GRPP: tl.constexpr,
     BLOCK_N: tl.constexpr, R: tl.constexpr,
-    CM0: tl.constexpr, CMUL0: tl.constexpr, CM1: tl.constexpr, CMUL1: tl.constexpr,
-    FM0: tl.constexpr, FMUL0: tl.constexpr, FM1: tl.constexpr, FMUL1: tl.constexpr,
-    SHIFT: tl.constexpr, HALF: tl.constexpr, FINE_EXP: tl.constexpr, FINE_MAGIC: tl.constexpr,
+    CM0: tl.constexpr, CM1: tl.constexpr, FM0: tl.constexpr, FM1: tl.constexpr,
+    SHIFT: tl.constexpr, HALF: tl.constexpr, FINE_MAGIC: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -156,7 +183,10 @@ def _quant_filter_kernel(
     PC: tl.constexpr = CM0 + CM1           # coarse planes
     FINE: tl.constexpr = FM0 > 0           # planes left for the full bound
     MAGIC: tl.constexpr = 8388608.0        # 2^23
-    MAGIC_BITS: tl.constexpr = 0x4B000000  # bits of 2^23
+    # magic_bits = bits of 2^23, fine_bits = bits of 2^(23 - s): runtime values, so that the
+    # compiler keeps them in registers and fuses (code & mask) | magic into one LOP3
+    magic_bits = magic_bits.to(tl.uint32)
+    fine_bits = fine_bits.to(tl.uint32)
 
     # ---- this program's work: items (segment s, chunk c of BLOCK_N keys of the segment) ----
     n = _load_n(n_ptr, n_value, N_ON_DEVICE)
@@ -218,7 +248,7 @@ def _quant_filter_kernel(
         qs = ()
         cc = ()
         fc = ()
-        for g in tl.static_range(G):
+        for _g in tl.static_range(G):
             qs = qs + ((),)
             cc = cc + (tl.zeros([T, 1, V], tl.float32),)
             fc = fc + (tl.zeros([T, 1, V], tl.float32),)
@@ -251,7 +281,7 @@ def _quant_filter_kernel(
 
             # ---- coarse stage: residual norms + top planes, all G heads ----
             accs = ()
-            for g in tl.static_range(G):
+            for _g in tl.static_range(G):
                 accs = accs + (tl.zeros([T, BLOCK_N, V], tl.float32),)
             for ct in tl.static_range(NGT):
                 egrp = ct * NBP + byte3
@@ -262,13 +292,15 @@ def _quant_filter_kernel(
                     new_accs = new_accs + (accs[g] + e * qn[g][ct],)
                 accs = new_accs
             w0 = _chunk_word(prow, vmask, 0, CM0, stride_pp)
+            w0s = w0 << 4
             if CM1 > 0:
                 w1 = _chunk_word(prow, vmask, CM0, CM1, stride_pp)
+                w1s = w1 << 4
             for k in tl.static_range(8):
-                code = _chunk_code(w0, k, CM0, CMUL0)
+                code = _chunk_code(w0, w0s, k, CM0)
                 if CM1 > 0:
-                    code = (code << CM1) | _chunk_code(w1, k, CM1, CMUL1)
-                f = (code | MAGIC_BITS).to(tl.float32, bitcast=True) - MAGIC
+                    code = (code << CM1) | _chunk_code(w1, w1s, k, CM1)
+                f = (code | magic_bits).to(tl.float32, bitcast=True) - MAGIC
                 new_accs = ()
                 for g in tl.static_range(G):
                     new_accs = new_accs + (accs[g] + f * qs[g][k],)
@@ -287,13 +319,15 @@ def _quant_filter_kernel(
                 if tl.max(surv.to(tl.int32), axis=0) > 0:
                     smask = surv[None, :, None] & byte_ok3
                     x0 = _chunk_word(prow, smask, PC, FM0, stride_pp)
+                    x0s = x0 << 4
                     if FM1 > 0:
                         x1 = _chunk_word(prow, smask, PC + FM0, FM1, stride_pp)
+                        x1s = x1 << 4
                     for k in tl.static_range(8):
-                        code = _chunk_code(x0, k, FM0, FMUL0)
+                        code = _chunk_code(x0, x0s, k, FM0)
                         if FM1 > 0:
-                            code = (code << FM1) | _chunk_code(x1, k, FM1, FMUL1)
-                        f = (code | FINE_EXP).to(tl.float32, bitcast=True) - FINE_MAGIC  # u/S
+                            code = (code << FM1) | _chunk_code(x1, x1s, k, FM1)
+                        f = (code | fine_bits).to(tl.float32, bitcast=True) - FINE_MAGIC  # u/S
                         new_accs = ()
                         for g in tl.static_range(G):
                             new_accs = new_accs + (accs[g] + f * qs[g][k],)
@@ -414,16 +448,9 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _chunks(start: int, count: int) -> list[tuple[int, int]]:
-    """Planes [start, start + count) in chunks of at most 4: (size, multiplier) pairs."""
-    out = []
-    while count > 0:
-        m = min(4, count)
-        out.append((m, sum(1 << (23 + m - 9 * t) for t in range(m))))
-        count -= m
-    while len(out) < 2:
-        out.append((0, 0))
-    return out
+def _chunks(count: int) -> tuple[int, int]:
+    """Sizes of the (at most two) chunks of at most 4 planes that cover ``count`` planes."""
+    return min(4, count), max(0, count - 4)
 
 
 def _tile(nbp: int, g: int, num_warps: int, block_n: int | None, seg: int | None
@@ -586,7 +613,7 @@ def quant_filter(
     for name, t in (("slack", slack), ("tau", tau)):
         if t.dtype != torch.float32 or tuple(t.shape) != (hq,) or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous float32 [{hq}], got {t.dtype} "
-                             f"{list(t.shape)}")
+                             f"{list(t.shape)} (contiguous: {t.is_contiguous()})")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
@@ -631,7 +658,7 @@ def quant_filter(
 
     # ---- plan (host-known quantities only) ----
     nbp = _next_pow2(nb)
-    v, t, r, bn = _tile(nbp, g, num_warps, block_n, seg if segmented else None)
+    v, tpr, r, bn = _tile(nbp, g, num_warps, block_n, seg if segmented else None)
     if segmented:
         blocks_max = max(1, triton.cdiv(n_max, seg) * triton.cdiv(seg, bn))
     else:
@@ -639,8 +666,8 @@ def quant_filter(
     if num_splits is None:
         target = 8 * _num_sms(device)
         num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
-    (cm0, cmul0), (cm1, cmul1) = _chunks(0, coarse_bits)
-    (fm0, fmul0), (fm1, fmul1) = _chunks(coarse_bits, bits - coarse_bits)
+    cm0, cm1 = _chunks(coarse_bits)
+    fm0, fm1 = _chunks(bits - coarse_bits)
     s = bits - coarse_bits
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _counters(device, 2 * hkv)
@@ -648,15 +675,14 @@ def quant_filter(
     _quant_filter_kernel[(num_splits, hkv)](
         q, planes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
         cand_pos, cand_count, pruned_lse, ws, counters,
-        n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
+        n_value, cap_out, seg, num_splits, float(scale) * _LOG2E, 0x4B000000, (150 - s) << 23,
         q.stride(0), planes.stride(0), planes.stride(1), planes.stride(2),
         err.stride(0), err.stride(1), stride_lh, stride_ls, cand_pos.stride(0),
-        G=g, NB=nb, NBP=nbp, V=v, T=t, NG=ng, NGT=triton.cdiv(ng, nbp), GRP=group,
+        G=g, NB=nb, NBP=nbp, V=v, T=tpr, NG=ng, NGT=triton.cdiv(ng, nbp), GRP=group,
         GRPP=_next_pow2(group), BLOCK_N=bn, R=r,
-        CM0=cm0, CMUL0=cmul0, CM1=cm1, CMUL1=cmul1,
-        FM0=fm0, FMUL0=fmul0, FM1=fm1, FMUL1=fmul1,
+        CM0=cm0, CM1=cm1, FM0=fm0, FM1=fm1,
         SHIFT=float(1 << s), HALF=((1 << s) - 1) / 2.0,
-        FINE_EXP=(150 - s) << 23, FINE_MAGIC=float(2.0 ** (23 - s)),
+        FINE_MAGIC=float(2.0 ** (23 - s)),
         SPLIT_CHUNK=16, N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,
         num_warps=num_warps, num_stages=1,
     )

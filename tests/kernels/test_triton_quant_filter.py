@@ -1,0 +1,451 @@
+"""quant_filter (Triton) against quant_filter_reference / LouverIndex.bounds.
+
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1 must be set
+before the kernel is defined), on tiny shapes. With CUDA the same tests run on the GPU, plus
+larger shapes and repeated launches (the self-resetting counters).
+
+Every test draws fresh random data (the seed is in the failure message) and poisons the
+preallocated outputs first (cand_pos -7, cand_count -5, pruned_lse NaN).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+from typing import Any
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # the kernel module may have been imported (and compiled for a GPU) by an earlier import
+    if "louver_kernels.triton.quant_filter" in sys.modules:
+        importlib.reload(sys.modules["louver_kernels.triton.quant_filter"])
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from louver_kernels import IndexConfig, IndexKind, LouverIndex  # noqa: E402
+from louver_kernels import reference as ref  # noqa: E402
+from louver_kernels.triton.quant_filter import (  # noqa: E402
+    _chunk_code,
+    quant_filter,
+    quant_filter_reference,
+)
+from tests.kernels.keygen import make_keys  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+POISON_POS = -7
+POISON_CNT = -5
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _gen() -> tuple[torch.Generator, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
+
+class Case:
+    """A QUANT index over a key family plus queries, with every tensor quant_filter needs."""
+
+    def __init__(self, *, kind: str, hkv: int, g: int, n: int, d: int, bits: int, coarse: int,
+                 group: int, seg: int, dtype: torch.dtype, gen: torch.Generator) -> None:
+        keys = make_keys(kind, hkv, n, d, dtype, gen)
+        values = torch.randn(hkv, keys.shape[1], 8, generator=gen).to(dtype)
+        cfg = IndexConfig(kind=IndexKind.QUANT, quant_bits=bits, quant_coarse_bits=coarse,
+                          quant_group=group, buffer_size=seg)
+        self.index = LouverIndex.build(keys.to(DEVICE), values.to(DEVICE), cfg)
+        idx = self.index
+        self.hkv, self.g, self.hq, self.d = hkv, g, hkv * g, d
+        self.bits, self.coarse, self.group, self.seg = bits, coarse, group, seg
+        self.n = idx.num_indexed
+        codes = idx._codes
+        self.planes = codes if idx._planar else ref.pack_planes(codes, bits)
+        self.err, self.lo, self.step = idx._err, idx._lo, idx._step
+        qkind = "random" if kind in ("single", "duplicates", "boundary") else kind
+        self.q = make_keys(qkind, self.hq, 1, d, dtype, gen).reshape(self.hq, d).to(DEVICE)
+        self.slack = ref.quant_slack(self.q, idx._kmax, idx._rmax, idx._lmax, d // group)
+        k, _ = idx.keys_range(0, self.n)
+        self.scores = ref.scores(self.q, k)                              # [Hq, n] exact fp32
+        self.full = idx.bounds(self.q)                                   # [Hq, n]
+        self.coarse_b = idx.bounds(self.q, top=coarse)
+
+    def run(self, tau: torch.Tensor, *, num_indexed: int | torch.Tensor | None = None,
+            poison: bool = True, **kw: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        cap = self.planes.shape[1]
+        cand_pos = torch.full((self.hkv, cap), POISON_POS, dtype=torch.int32, device=DEVICE)
+        cand_count = torch.full((self.hkv,), POISON_CNT, dtype=torch.int32, device=DEVICE)
+        pruned = torch.full((self.hq,), math.nan, dtype=torch.float32, device=DEVICE)
+        args = dict(num_indexed=self.n if num_indexed is None else num_indexed, bits=self.bits,
+                    coarse_bits=self.coarse, group=self.group, scale=self.index.scale,
+                    segment_size=self.seg)
+        args.update(kw)
+        if poison:
+            args.update(cand_pos=cand_pos, cand_count=cand_count, pruned_lse=pruned)
+        return quant_filter(self.q, self.planes, self.err, self.lo, self.step, self.slack,
+                            tau.to(DEVICE), **args)  # type: ignore[arg-type]
+
+    def reference(self, tau: torch.Tensor, n: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return quant_filter_reference(self.q, self.planes, self.err, self.lo, self.step,
+                                      self.slack, tau.to(DEVICE),
+                                      num_indexed=self.n if n is None else n, bits=self.bits,
+                                      coarse_bits=self.coarse, scale=self.index.scale,
+                                      segment_size=self.seg)
+
+
+def _lists(cand_pos: torch.Tensor, cand_count: torch.Tensor, n: int, msg: str
+           ) -> list[torch.Tensor]:
+    """Per KV head the candidate positions, checking count range, validity and uniqueness."""
+    out = []
+    counts = cand_count.cpu()
+    pos = cand_pos.cpu()
+    for h in range(pos.shape[0]):
+        c = int(counts[h])
+        assert 0 <= c <= n, f"{msg}: cand_count[{h}]={c} outside [0, {n}]"
+        p = pos[h, :c].long()
+        assert bool(((p >= 0) & (p < n)).all()), f"{msg}: invalid positions in head {h}"
+        assert p.unique().numel() == c, f"{msg}: duplicate positions in head {h}"
+        assert bool((pos[h, c:] == POISON_POS).all()), f"{msg}: wrote beyond cand_count"
+        out.append(p)
+    return out
+
+
+def _as_mask(lists: list[torch.Tensor], n: int) -> torch.Tensor:
+    m = torch.zeros(len(lists), n, dtype=torch.bool)
+    for h, p in enumerate(lists):
+        m[h, p] = True
+    return m
+
+
+def _check_no_false_negatives(case: Case, tau: torch.Tensor, lists: list[torch.Tensor],
+                              msg: str) -> None:
+    found = ref.expand_heads(_as_mask(lists, case.n), case.hq)
+    need = case.scores.cpu() >= tau.cpu()[:, None]
+    missed = need & ~found
+    assert not bool(missed.any()), f"{msg}: false negatives at {missed.nonzero().tolist()[:5]}"
+
+
+def _near(bounds: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """bool [H, n]: bounds within rounding of tau."""
+    t = tau.cpu()[:, None]
+    b = bounds.cpu()
+    tol = 1e-5 * (b.abs() + t.abs().nan_to_num(0.0, 0.0, 0.0)) + 1e-30
+    return ((b - t).abs() <= tol) & torch.isfinite(t)
+
+
+def _check_exact(case: Case, tau: torch.Tensor, lists: list[torch.Tensor],
+                 pruned: torch.Tensor, msg: str) -> None:
+    """Candidates equal the reference's except keys whose bound is within rounding of tau;
+    pruned_lse matches the reference when no such key exists."""
+    cand, _, lse = case.reference(tau)
+    got = _as_mask(lists, case.n)
+    close = _near(torch.cat([case.full, case.coarse_b], dim=0), torch.cat([tau, tau]))
+    close = close.reshape(2, case.hkv, case.g, case.n).any(dim=2).any(dim=0)
+    diff = (got != cand.cpu()) & ~close
+    assert not bool(diff.any()), f"{msg}: candidate set differs at {diff.nonzero().tolist()[:5]}"
+    # the reference itself against the index's bounds (the ground truth of the contract)
+    idx_cand = (case.full.cpu() >= tau.cpu()[:, None]).reshape(case.hkv, case.g, case.n)
+    idx_cand = idx_cand.any(dim=1)
+    diff = (idx_cand != cand.cpu()) & ~close
+    assert not bool(diff.any()), f"{msg}: reference differs from LouverIndex.bounds"
+    assert not bool(torch.isnan(pruned).any()), f"{msg}: pruned_lse not written"
+    if not bool(close.any()):
+        ok = torch.isclose(pruned.cpu(), lse.cpu(), rtol=1e-4, atol=1e-4) | (
+            torch.isneginf(pruned.cpu()) & torch.isneginf(lse.cpu()))
+        assert bool(ok.all()), f"{msg}: pruned_lse {pruned.tolist()} != {lse.tolist()}"
+
+
+def _tau_in_gap(bounds: torch.Tensor, frac: float) -> torch.Tensor:
+    """tau [Hq] halfway between two sorted full bounds near the ``frac`` quantile (far from
+    every bound, so no key sits within rounding of tau)."""
+    b = torch.sort(bounds.double().cpu(), dim=1).values
+    hq, n = b.shape
+    i = min(max(int(frac * (n - 1)), 0), n - 2) if n >= 2 else 0
+    if n < 2:
+        return (b[:, 0] + 1.0).float() if n else torch.zeros(hq)
+    gaps = b[:, 1:] - b[:, :-1]
+    # the widest gap within +-8 positions of the target
+    lo_i, hi_i = max(i - 8, 0), min(i + 8, n - 2)
+    j = gaps[:, lo_i: hi_i + 1].argmax(dim=1) + lo_i
+    return ((b.gather(1, j[:, None]) + b.gather(1, j[:, None] + 1)) / 2).squeeze(1).float()
+
+
+# ----------------------------------------------------------------------------------------------
+# the bit extraction
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _codes_kernel(w_ptr, out_ptr, n, M: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    w = tl.load(w_ptr + offs, mask=ok, other=0).to(tl.uint32)
+    ws = w << 4
+    for k in tl.static_range(8):
+        tl.store(out_ptr + offs * 8 + k, _chunk_code(w, ws, k, M).to(tl.int32), mask=ok)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_chunk_code_extracts_every_bit_pattern(m: int) -> None:
+    gen, seed = _gen()
+    # every code of every channel appears: all 2^(8m) words for m <= 2, random words above
+    if m <= 2:
+        words = torch.arange(1 << (8 * m), dtype=torch.int64)
+    else:
+        words = torch.randint(0, 1 << (8 * m), (4096,), generator=gen, dtype=torch.int64)
+    n = words.numel()
+    w = words.to(torch.int32).to(DEVICE)
+    out = torch.full((n, 8), -1, dtype=torch.int32, device=DEVICE)
+    _codes_kernel[(triton.cdiv(n, 1024),)](w, out, n, M=m, BLOCK=1024)
+    byte = [(words >> (8 * t)) & 0xFF for t in range(m)]
+    for k in range(8):
+        want = torch.zeros_like(words)
+        for t in range(m):          # byte t = the chunk's plane t, most significant first
+            want = want * 2 + ((byte[t] >> k) & 1)
+        assert torch.equal(out[:, k].cpu().long(), want), f"seed={seed} m={m} k={k}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the contract: zero false negatives, exact candidate set, certificate
+# ----------------------------------------------------------------------------------------------
+
+# (kind, Hkv, G, n, D, bits, coarse, group, segment, dtype): covers bits {4, 6, 7, 8}, coarse
+# {1, 4, bits}, D {64, 128}, G {1, 3, 4}, every dtype and the adversarial key families.
+CASES = [
+    ("random", 2, 3, 200, 64, 7, 4, 16, 64, torch.float16),
+    ("clustered", 1, 4, 256, 128, 7, 4, 16, 128, torch.bfloat16),
+    ("duplicates", 2, 1, 130, 64, 8, 8, 8, 64, torch.float32),
+    ("huge", 1, 3, 100, 128, 6, 1, 32, 50, torch.float16),
+    ("tiny", 2, 4, 96, 64, 4, 4, 16, 32, torch.float32),
+    ("fp16_extreme", 1, 3, 128, 64, 8, 4, 64, 64, torch.float16),
+    ("outlier_channel", 1, 1, 300, 128, 7, 1, 16, 100, torch.bfloat16),
+    ("boundary", 2, 3, 64, 64, 6, 6, 16, 16, torch.float16),
+    ("clustered", 1, 1, 190, 64, 4, 1, 8, 190, torch.float32),
+]
+
+
+def _case_id(c: tuple) -> str:
+    return f"{c[0]}-hkv{c[1]}-g{c[2]}-n{c[3]}-d{c[4]}-b{c[5]}p{c[6]}-gr{c[7]}-seg{c[8]}-" \
+           f"{str(c[9]).split('.')[-1]}"
+
+
+@pytest.mark.parametrize("spec", CASES, ids=[_case_id(c) for c in CASES])
+def test_candidates_and_certificate(spec: tuple) -> None:
+    kind, hkv, g, n, d, bits, coarse, group, seg, dtype = spec
+    gen, seed = _gen()
+    case = Case(kind=kind, hkv=hkv, g=g, n=n, d=d, bits=bits, coarse=coarse, group=group,
+                seg=seg, dtype=dtype, gen=gen)
+    assert case.n > 0
+    s = case.scores.cpu()
+    taus = {
+        "on_a_key": s.gather(1, torch.randint(0, case.n, (case.hq, 1), generator=gen))[:, 0],
+        "at_max": s.amax(dim=1),
+        "quantile": torch.quantile(s, 0.75, dim=1),
+        "mixed": torch.where(torch.arange(case.hq) % 2 == 0, s.amax(dim=1),
+                             torch.quantile(s, 0.2, dim=1)),
+    }
+    for name, tau in taus.items():
+        msg = f"seed={seed} {spec} tau={name}"
+        cp, cc, pl = case.run(tau.float())
+        lists = _lists(cp, cc, case.n, msg)
+        _check_no_false_negatives(case, tau, lists, msg)
+        assert not bool(torch.isnan(pl).any()), f"{msg}: pruned_lse not written"
+    # exact comparison with tau far from every bound
+    for frac in (0.5, 0.95):
+        tau = _tau_in_gap(case.full, frac)
+        msg = f"seed={seed} {spec} gap tau {frac}"
+        cp, cc, pl = case.run(tau)
+        lists = _lists(cp, cc, case.n, msg)
+        _check_no_false_negatives(case, tau, lists, msg)
+        _check_exact(case, tau, lists, pl, msg)
+
+
+def test_infinite_thresholds_and_partial_segment() -> None:
+    gen, seed = _gen()
+    case = Case(kind="random", hkv=2, g=3, n=128, d=64, bits=7, coarse=4, group=16, seg=64,
+                dtype=torch.float16, gen=gen)
+    msg = f"seed={seed}"
+    hq = case.hq
+    # tau = +inf: nothing is a candidate, every key is pruned with its coarse bound
+    cp, cc, pl = case.run(torch.full((hq,), math.inf))
+    assert _lists(cp, cc, case.n, msg) and bool((cc == 0).all())
+    want = torch.logsumexp(case.coarse_b.double() * case.index.scale, dim=1).float()
+    assert torch.allclose(pl.cpu(), want.cpu(), rtol=1e-4, atol=1e-4), msg
+    # tau = -inf: every key is a candidate, nothing is pruned
+    cp, cc, pl = case.run(torch.full((hq,), -math.inf))
+    lists = _lists(cp, cc, case.n, msg)
+    assert all(p.numel() == case.n for p in lists), msg
+    assert bool(torch.isneginf(pl).all()), msg
+    # a partial last segment (num_indexed not a multiple of the segment)
+    n2 = case.n - 37
+    tau = _tau_in_gap(case.full[:, :n2], 0.6)
+    cp, cc, pl = case.run(tau, num_indexed=n2)
+    lists = _lists(cp, cc, n2, msg)
+    cand, _, lse = case.reference(tau, n2)
+    assert torch.equal(_as_mask(lists, n2), cand.cpu()), msg
+    assert torch.allclose(pl.cpu(), lse.cpu(), rtol=1e-4, atol=1e-4), msg
+
+
+def test_empty_index_and_device_count() -> None:
+    gen, seed = _gen()
+    case = Case(kind="clustered", hkv=2, g=4, n=96, d=64, bits=6, coarse=4, group=16, seg=32,
+                dtype=torch.bfloat16, gen=gen)
+    msg = f"seed={seed}"
+    tau = _tau_in_gap(case.full, 0.7)
+    cp, cc, pl = case.run(tau, num_indexed=0)
+    assert bool((cc == 0).all()) and bool(torch.isneginf(pl).all()), msg
+    assert bool((cp == POISON_POS).all()), msg
+    # num_indexed read from a device tensor: the same result as the Python int
+    cp1, cc1, pl1 = case.run(tau)
+    n_dev = torch.tensor([case.n], dtype=torch.int32, device=DEVICE)
+    cp2, cc2, pl2 = case.run(tau, num_indexed=n_dev)
+    # the grid then covers the capacity: another split of the work, so the logsumexp merge
+    # order (not the set of keys) may differ
+    assert torch.equal(cc1, cc2), msg
+    assert torch.allclose(pl1, pl2, rtol=1e-5, atol=1e-5), msg
+    m1 = _as_mask(_lists(cp1, cc1, case.n, msg), case.n)
+    m2 = _as_mask(_lists(cp2, cc2, case.n, msg), case.n)
+    assert torch.equal(m1, m2), msg
+    # an empty capacity
+    zero = torch.tensor([0], dtype=torch.int64, device=DEVICE)
+    cp3, cc3, pl3 = case.run(tau, num_indexed=zero)
+    assert bool((cc3 == 0).all()) and bool(torch.isneginf(pl3).all()), msg
+
+
+def test_layouts_single_range_and_plane_major() -> None:
+    """2-D lo/step (one range over all keys) and a plane-major planes view agree."""
+    gen, seed = _gen()
+    n = 160
+    case = Case(kind="outlier_channel", hkv=1, g=3, n=n, d=128, bits=7, coarse=4, group=16,
+                seg=n, dtype=torch.float16, gen=gen)
+    msg = f"seed={seed}"
+    tau = _tau_in_gap(case.full, 0.8)
+    cp0, cc0, pl0 = case.run(tau)
+    m0 = _as_mask(_lists(cp0, cc0, case.n, msg), case.n)
+    # one segment == one range: lo/step [Hkv, D]
+    lo2 = case.lo[:, 0].contiguous()
+    step2 = case.step[:, 0].contiguous()
+    out = quant_filter(case.q, case.planes, case.err, lo2, step2, case.slack, tau.to(DEVICE),
+                       num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
+                       group=case.group, scale=case.index.scale)
+    assert torch.equal(_as_mask(_lists_unpoisoned(out[0], out[1], case.n), case.n), m0), msg
+    assert torch.equal(out[2], pl0), msg
+    # plane-major storage [Hkv, bits, cap, D/8] seen as [Hkv, cap, bits, D/8]
+    pm = case.planes.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    out = quant_filter(case.q, pm, case.err, case.lo, case.step, case.slack, tau.to(DEVICE),
+                       num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
+                       group=case.group, scale=case.index.scale, segment_size=case.seg)
+    assert torch.equal(_as_mask(_lists_unpoisoned(out[0], out[1], case.n), case.n), m0), msg
+    assert torch.equal(out[2], pl0), msg
+
+
+def test_allocates_outputs_and_repeats() -> None:
+    """Outputs allocated by the launcher; repeated launches (self-resetting counters) agree."""
+    gen, seed = _gen()
+    n = 4096 if CUDA else 160
+    case = Case(kind="clustered", hkv=2, g=3, n=n, d=64, bits=7, coarse=4, group=16,
+                seg=64, dtype=torch.float16, gen=gen)
+    msg = f"seed={seed}"
+    tau = _tau_in_gap(case.full, 0.9)
+    results = [case.run(tau, poison=False) for _ in range(3 if CUDA else 2)]
+    cp0, cc0, pl0 = results[0]
+    m0 = _as_mask(_lists_unpoisoned(cp0, cc0, case.n), case.n)
+    for cp, cc, pl in results[1:]:
+        assert torch.equal(cc, cc0) and torch.equal(pl, pl0), msg
+        assert torch.equal(_as_mask(_lists_unpoisoned(cp, cc, case.n), case.n), m0), msg
+    _check_exact(case, tau, _lists_unpoisoned(cp0, cc0, case.n), pl0, msg)
+
+
+def _lists_unpoisoned(cp: torch.Tensor, cc: torch.Tensor, n: int) -> list[torch.Tensor]:
+    out = []
+    for h in range(cp.shape[0]):
+        p = cp[h, : int(cc[h])].long().cpu()
+        assert p.unique().numel() == p.numel() and bool(((p >= 0) & (p < n)).all())
+        out.append(p)
+    return out
+
+
+@pytest.mark.skipif(not CUDA, reason="large shapes need a GPU")
+@pytest.mark.parametrize("hkv,g,d", [(3, 3, 64), (8, 4, 128)])
+def test_large_on_gpu(hkv: int, g: int, d: int) -> None:
+    gen, seed = _gen()
+    case = Case(kind="clustered", hkv=hkv, g=g, n=65536 + 256 * 7, d=d, bits=7, coarse=4,
+                group=16, seg=256, dtype=torch.float16, gen=gen)
+    for frac in (0.8, 0.99):
+        tau = _tau_in_gap(case.full, frac)
+        msg = f"seed={seed} frac={frac}"
+        cp, cc, pl = case.run(tau)
+        lists = _lists(cp, cc, case.n, msg)
+        _check_no_false_negatives(case, tau, lists, msg)
+        _check_exact(case, tau, lists, pl, msg)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_validation_errors() -> None:
+    gen, _ = _gen()
+    case = Case(kind="random", hkv=2, g=2, n=64, d=64, bits=7, coarse=4, group=16, seg=32,
+                dtype=torch.float16, gen=gen)
+    tau = torch.zeros(case.hq, device=DEVICE)
+    base = dict(num_indexed=case.n, bits=7, coarse_bits=4, group=16, scale=0.125,
+                segment_size=32)
+    good = (case.q, case.planes, case.err, case.lo, case.step, case.slack, tau)
+
+    def call(*args: tuple[int, Any], **kw: Any) -> None:
+        a: list[Any] = list(good)
+        for i, v in args:
+            a[i] = v
+        k = dict(base)
+        k.update(kw)
+        quant_filter(*a, **k)  # type: ignore[arg-type]
+
+    call()  # the good call works
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"args": [(0, case.q.int())]}, "float16"),
+        ({"args": [(0, case.q[:, :48])]}, "planes"),
+        ({"args": [(0, case.q[:3])]}, "multiple"),
+        ({"args": [(1, case.planes.int())]}, "uint8"),
+        ({"args": [(1, case.planes[:, :, :6])]}, "bits"),
+        ({"args": [(2, case.err.float())]}, "err"),
+        ({"args": [(2, case.err[:, :10])]}, "err"),
+        ({"args": [(3, case.lo.double())]}, "lo"),
+        ({"args": [(4, case.step[:, :1])]}, "same shape"),
+        ({"args": [(5, case.slack[:1])]}, "slack"),
+        ({"args": [(6, tau.double())]}, "tau"),
+        ({"args": [(6, "x")]}, "Tensor"),
+        ({"kw": {"bits": 9}}, "bits"),
+        ({"kw": {"coarse_bits": 8}}, "coarse_bits"),
+        ({"kw": {"coarse_bits": 0}}, "coarse_bits"),
+        ({"kw": {"group": 24}}, "group"),
+        ({"kw": {"scale": math.inf}}, "scale"),
+        ({"kw": {"scale": -1.0}}, "scale"),
+        ({"kw": {"num_indexed": case.planes.shape[1] + 1}}, "num_indexed"),
+        ({"kw": {"num_indexed": -1}}, "num_indexed"),
+        ({"kw": {"num_indexed": torch.tensor([1.0], device=DEVICE)}}, "num_indexed"),
+        ({"kw": {"segment_size": None}}, "segment_size"),
+        ({"kw": {"segment_size": 1}}, "segments"),
+        ({"kw": {"cand_pos": torch.zeros(case.hkv, 3, dtype=torch.int32, device=DEVICE)}},
+         "cand_pos"),
+        ({"kw": {"cand_count": torch.zeros(case.hkv, dtype=torch.int64, device=DEVICE)}},
+         "cand_count"),
+        ({"kw": {"pruned_lse": torch.zeros(case.hq + 1, device=DEVICE)}}, "pruned_lse"),
+        ({"kw": {"num_splits": 0}}, "num_splits"),
+    ]
+    for spec, needle in bad:
+        with pytest.raises(ValueError, match=needle):
+            call(*spec.get("args", []), **spec.get("kw", {}))
+    if CUDA:
+        with pytest.raises(ValueError, match="cpu"):
+            call((6, tau.cpu()))
