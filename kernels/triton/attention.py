@@ -20,12 +20,25 @@ attended unconditionally. The list is cut into blocks of BLOCK_N entries and the
 computed on the device from the actual count T, so the work stays balanced whatever the padding
 of ``cand_pos`` (maxC only sizes the grid).
 
-A program loads each K row once for all G query heads of its group (GQA), computes exact
-float32 scores by broadcast-multiply-sum (no tensor cores: the score must be the float32 dot
-product the index's bounds are proven against; tl.dot would pad G to 16 rows and waste 4x the
-FMAs for G = 4), masks with tau and the buffer rule, and runs an online softmax in float32. V rows
-are loaded only for keys that at least one head of the group attends (masked loads move no
-bytes), so the V traffic follows the attended keys, not the candidates.
+A program loads each K row once for all G query heads of its group (GQA) and computes exact
+float32 scores with FMAs (broadcast-multiply-sum), never tensor cores: the score must be the
+float32 dot product the index's bounds are proven against. Design choices, each measured on an
+H200 or read off the compiled SASS:
+
+- Layout. K rows are loaded as [BLOCK_N, D/CK, CK] tiles: each thread owns 16-byte vectors of
+  td = CK/vec threads per row and keeps all D/CK chunks in registers, so a dot product is reduced
+  mostly inside the thread (log2 td shuffle levels). Each head is a separate 2-D computation in
+  that layout (a tuple over heads): a 3-D [G, BLOCK_N, D] broadcast gets a layout with D over 32
+  threads, and tl.dot(..., input_precision="ieee") stages K through shared memory and keeps
+  G x D of q per thread; both were slower. P @ V on tensor cores (tf32x3) was tried too: the
+  operand splitting and per-head row assembly cost more instructions than the FMAs it saves.
+- Per-lane online softmax. Rows of a tile are spread over R row lanes and repeated NR = BLOCK_N/R
+  times in registers; m, l, acc are kept per lane ([R], [R], [R, Dv]), so the loop has no
+  cross-thread traffic besides the score shuffles. Lanes are merged once per program.
+- Software pipeline in registers: while block i is scored, the K rows of block i+1 and the
+  candidate positions of block i+2 are in flight; V rows of block i are requested right after
+  its scores, only for rows some head attends (masked loads move no bytes, so V traffic
+  follows the attended keys, not the candidates), and consumed at iteration i+1.
 
 Combine. Each program writes its partial (m, l, acc, count) to a workspace, then takes a ticket
 from a per-KV-head arrival counter (atomic add, acq_rel, GPU scope, after a CTA barrier so the
@@ -45,6 +58,7 @@ in a CUDA graph and replayable at every decode step.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -89,12 +103,15 @@ def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
     return pos.to(tl.int64), row_ok, is_cand
 
 
-@triton.jit
+# Scalars that change from call to call are not specialized (no recompilation when one happens
+# to be 1 or a multiple of 16); strides stay specialized (16-byte vector loads need them).
+@triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c",
+                               "num_splits"])
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, tau_ptr,
     cand_pos_ptr, cand_count_ptr,
     dense_end_ptr, buf_start_ptr, buf_end_ptr,
-    ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, counter_ptr,
+    ws_ptr, counter_ptr,
     out_ptr, lse_ptr, natt_ptr,
     scale,
     dense_end, buf_start, buf_end,
@@ -108,8 +125,14 @@ def _sparse_attention_kernel(
 ):
     kh = tl.program_id(0)
     split = tl.program_id(1)
+    # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32 counts
+    n_slots = tl.num_programs(0) * num_splits
+    ws_ml_ptr = ws_ptr
+    ws_acc_ptr = ws_ptr + n_slots * (2 * G)
+    ws_cnt_ptr = (ws_acc_ptr + n_slots * (G * DV)).to(tl.pointer_type(tl.int32), bitcast=True)
     LOG2E: tl.constexpr = 1.4426950408889634
     NR: tl.constexpr = BLOCK_N // R
+    C = scale * LOG2E  # the running maxima m are raw scores; weights are exp2((s - m) * C)
     NCK: tl.constexpr = D // CK
     NCV: tl.constexpr = DV // CV
 
@@ -192,7 +215,7 @@ def _sparse_attention_kernel(
             s = tl.sum(tl.sum(kf * qs[g][None, :, :], axis=2), axis=1)  # [BLOCK_N] fp32 q.k
             att = ((s >= taus[g]) | (~cand_c)) & ok_c
             any_att = any_att | att
-            xs = xs + (tl.where(att, s * scale, float("-inf")),)
+            xs = xs + (tl.where(att, s, float("-inf")),)
             new_cs = new_cs + (cs[g] + tl.sum(tl.reshape(att.to(tl.int32), [NR, R]), axis=0),)
         cs = new_cs
         # V rows of block i, only for keys some head attends (masked-off rows move no bytes)
@@ -206,14 +229,16 @@ def _sparse_attention_kernel(
         new_accs = ()
         new_p = ()
         for g in tl.static_range(G):
-            acc = accs[g] + tl.sum(p_p[g][:, :, None, None] * v4, axis=0)   # [R, NCV, CV]
             x = tl.reshape(xs[g], [NR, R])
             m_new = tl.maximum(ms[g], tl.max(x, axis=0))                    # [R]
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2((ms[g] - m_use) * LOG2E)
-            p = tl.exp2((x - m_use[None, :]) * LOG2E)                       # 0 if not attended
+            alpha = tl.exp2((ms[g] - m_use) * C)
+            p = tl.exp2((x - m_use[None, :]) * C)                           # 0 if not attended
             new_ls = new_ls + (ls[g] * alpha + tl.sum(p, axis=0),)
-            new_accs = new_accs + (acc * alpha[:, None, None],)
+            # alpha * (acc + p_prev @ V_prev) as FMAs: acc * alpha + (alpha * p_prev) @ V_prev
+            pa = p_p[g] * alpha[None, :]
+            pv = tl.sum(pa[:, :, None, None] * v4, axis=0)                  # [R, NCV, CV]
+            new_accs = new_accs + (accs[g] * alpha[:, None, None] + pv,)
             new_ms = new_ms + (m_new,)
             new_p = new_p + (p,)
         ms = new_ms
@@ -240,7 +265,7 @@ def _sparse_attention_kernel(
     slot = kh * num_splits + split
     for g in tl.static_range(G):
         m_g = tl.max(ms[g], axis=0)
-        w = tl.exp2((ms[g] - tl.where(m_g == float("-inf"), 0.0, m_g)) * LOG2E)
+        w = tl.exp2((ms[g] - tl.where(m_g == float("-inf"), 0.0, m_g)) * C)
         tl.store(ws_ml_ptr + (slot * 2) * G + g, m_g)
         tl.store(ws_ml_ptr + (slot * 2 + 1) * G + g, tl.sum(ls[g] * w, axis=0))
         tl.store(ws_cnt_ptr + slot * G + g, tl.sum(cs[g], axis=0))
@@ -277,8 +302,8 @@ def _sparse_attention_kernel(
                           cache_modifier=".cg")
             m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2((m_tot - m_use) * LOG2E)
-            w_s = tl.exp2((m_s - m_use[None, :]) * LOG2E)                    # [SC, G_P]
+            alpha = tl.exp2((m_tot - m_use) * C)
+            w_s = tl.exp2((m_s - m_use[None, :]) * C)                        # [SC, G_P]
             l_tot = l_tot * alpha + tl.sum(l_s * w_s, axis=0)
             o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
             n_tot += tl.sum(c_s, axis=0)
@@ -289,7 +314,8 @@ def _sparse_attention_kernel(
         qh = kh * G + offs_gp
         o = tl.where(has[:, None], o_tot / l_safe[:, None], 0.0)
         tl.store(out_ptr + qh[:, None] * DV + offs_dv[None, :], o, mask=g_ok[:, None])
-        tl.store(lse_ptr + qh, tl.where(has, m_tot + tl.log(l_safe), float("-inf")), mask=g_ok)
+        lse_v = tl.where(has, m_tot * scale + tl.log(l_safe), float("-inf"))
+        tl.store(lse_ptr + qh, lse_v, mask=g_ok)
         tl.store(natt_ptr + qh, n_tot, mask=g_ok)
         # leave the counter at zero for the next launch on this stream
         tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
@@ -299,14 +325,19 @@ def _sparse_attention_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
+_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _SM_COUNT: dict[int, int] = {}
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
+def _counters(device: torch.device, dev_id: int, n: int) -> torch.Tensor:
     """Per-(device, stream) arrival counters, int32 [>= n], zero between launches."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
+    if dev_id >= 0:
+        get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+        stream = get_raw(dev_id) if get_raw is not None \
+            else torch.cuda.current_stream(device).cuda_stream
+    else:
+        stream = 0
+    key = (dev_id, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
@@ -329,34 +360,42 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
 
 
-def _config(d: int, dv: int, k_bytes: int, v_bytes: int) -> tuple[int, int, int, int, int]:
+@functools.lru_cache(maxsize=256)
+def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
+            ) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, R, CK, CV, num_warps) for one program's tiles.
 
     A [BLOCK_N, D/CK, CK] tile gets Triton's coalesced layout: 16-byte vectors along CK, CK/vec
-    threads per row, the warp's other threads and all warps along rows, the D/CK chunks in
-    registers. THREADS_D = 8 threads per row balances shuffles (log2 8 levels per dot product)
-    against the registers holding q (G * D / 8 floats per thread). R = row lanes.
+    threads per row, the warp's other threads and the warps along rows, the D/CK chunks in
+    registers. Threads per row (td) trade shuffles (log2 td levels per dot product, and the
+    per-(key, head) softmax work replicated td times) against the registers that hold q
+    (G * D / td floats per thread): the smallest td that keeps those at <= 64, at least 4.
+    R = (32 / td) * num_warps row lanes; BLOCK_N = 2 R rows (>= 32), i.e. >= 2 rows per thread.
+    Measured on an H200 (float16, G = 3 / D = 64 and G = 4 / D = 128): td = 4 and 8 with these
+    BLOCK_N were the fastest of td in {4, 8, 16}, BLOCK_N in {R, 2R, 4R}, 4 or 8 warps.
     """
     num_warps = 4
-    threads_d = 8
     vk, vv = 16 // k_bytes, 16 // v_bytes
-    ck = min(d, vk * threads_d)
-    tk = ck // vk
-    cv = min(dv, vv * tk)
-    r = (32 // tk) * num_warps
-    block_n = max(r, 32)
+    td = 4
+    while td < 32 and g * d > 64 * td:
+        td *= 2
+    td = max(1, min(td, d // vk))
+    ck = vk * td
+    cv = min(dv, vv * td)
+    r = (32 // td) * num_warps
+    block_n = max(2 * r, 32)
     return block_n, r, ck, cv, num_warps
 
 
-def _bound(name: str, value: int | torch.Tensor, device: torch.device
+def _bound(name: str, value: int | torch.Tensor, dev_id: int
            ) -> tuple[int, torch.Tensor | None]:
     """Validate a position bound: a Python int or a 1-element integer tensor on ``device``."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"{name} given as a tensor must hold one int32/int64 element, got "
                              f"shape {tuple(value.shape)} dtype {value.dtype}")
-        if value.device != device:
-            raise ValueError(f"{name} is on {value.device}, expected {device}")
+        if value.get_device() != dev_id:
+            raise ValueError(f"{name} is on {value.device}, expected q's device")
         return 0, value
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int or a 1-element integer tensor, got "
@@ -365,14 +404,14 @@ def _bound(name: str, value: int | torch.Tensor, device: torch.device
 
 
 def _check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
-               dtypes: tuple[torch.dtype, ...], device: torch.device) -> None:
+               dtypes: tuple[torch.dtype, ...], dev_id: int) -> None:
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor or None")
-    if tuple(t.shape) != shape or t.dtype not in dtypes or t.device != device:
-        raise ValueError(f"{name} must be {list(dtypes)} of shape {list(shape)} on {device}, got "
-                         f"{t.dtype} {list(t.shape)} on {t.device}")
+    if tuple(t.shape) != shape or t.dtype not in dtypes or t.get_device() != dev_id:
+        raise ValueError(f"{name} must be {list(dtypes)} of shape {list(shape)} on q's device, "
+                         f"got {t.dtype} {list(t.shape)} on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
 
@@ -406,7 +445,7 @@ def sparse_attention(
             positions < buffer_end are read. Hq must be a multiple of Hkv.
         values: [Hkv, cap_v, Dv] storage (cap_v >= buffer_end), float dtype as keys.
         tau: float32 [Hq], raw-score thresholds (-inf: attend every candidate).
-        scale: softmax scale applied to raw scores (usually 1/sqrt(D)).
+        scale: softmax scale applied to raw scores, > 0 (usually 1/sqrt(D)).
         cand_pos: sparse mode: int32 [Hkv, maxC], last dim contiguous. Row kh holds the union of
             the candidate positions of KV head kh's query heads, all < buffer_start (ascending
             order reads best). Entries at and beyond cand_count[kh] are never read.
@@ -421,7 +460,7 @@ def sparse_attention(
         out, lse, num_attended: optional preallocated outputs: float32 [Hq, Dv], float32 [Hq],
             int32 or int64 [Hq], contiguous, on q's device. Every element is written.
         num_splits: override of the number of programs per KV head (default: enough programs
-            to fill the device, at least two blocks each).
+            for one wave on the device, at least four blocks each).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -443,8 +482,9 @@ def sparse_attention(
     hkv, cap, dk = keys.shape
     dv = values.shape[2]
     device = q.device
+    dev_id = q.get_device()
     for name, t in (("keys", keys), ("values", values), ("tau", tau)):
-        if t.device != device:
+        if t.get_device() != dev_id:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
     for name, t in (("q", q), ("keys", keys), ("values", values)):
         if t.dtype not in _FLOAT_DTYPES:
@@ -463,10 +503,10 @@ def sparse_attention(
         raise ValueError(f"tau must be contiguous float32 [{hq}], got {tau.dtype} "
                          f"{list(tau.shape)}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    bs, bs_t = _bound("buffer_start", buffer_start, device)
-    be, be_t = _bound("buffer_end", buffer_end, device)
+            or not math.isfinite(float(scale)) or float(scale) <= 0.0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    bs, bs_t = _bound("buffer_start", buffer_start, dev_id)
+    be, be_t = _bound("buffer_end", buffer_end, dev_id)
     if bs_t is None and be_t is None and not 0 <= bs <= be:
         raise ValueError(f"need 0 <= buffer_start <= buffer_end, got {bs}, {be}")
     if bs_t is None and bs < 0:
@@ -494,7 +534,7 @@ def sparse_attention(
             raise ValueError(f"cand_count must be contiguous int32 [{hkv}], got "
                              f"{cand_count.dtype} {list(cand_count.shape)}")
         for name, t in (("cand_pos", cand_pos), ("cand_count", cand_count)):
-            if t.device != device:
+            if t.get_device() != dev_id:
                 raise ValueError(f"{name} is on {t.device} but q is on {device}")
         max_c = cand_pos.shape[1]
         de, de_t = 0, None
@@ -505,7 +545,7 @@ def sparse_attention(
         if dense_end is None:
             de, de_t = bs, bs_t
         else:
-            de, de_t = _bound("dense_end", dense_end, device)
+            de, de_t = _bound("dense_end", dense_end, dev_id)
             if de_t is None and de < 0:
                 raise ValueError(f"dense_end must be >= 0, got {de}")
             if de_t is None and bs_t is None and de > bs:
@@ -515,9 +555,9 @@ def sparse_attention(
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
 
-    _check_out("out", out, (hq, dv), (torch.float32,), device)
-    _check_out("lse", lse, (hq,), (torch.float32,), device)
-    _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), device)
+    _check_out("out", out, (hq, dv), (torch.float32,), dev_id)
+    _check_out("lse", lse, (hq,), (torch.float32,), dev_id)
+    _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
     if out is None:
         out = torch.empty(hq, dv, dtype=torch.float32, device=device)
     if lse is None:
@@ -527,7 +567,8 @@ def sparse_attention(
 
     # ---- plan (host-known quantities only) ----
     g = hq // hkv
-    block_n, lanes, ck, cv, num_warps = _config(d, dv, keys.element_size(), values.element_size())
+    block_n, lanes, ck, cv, num_warps = _config(g, d, dv, keys.element_size(),
+                                                values.element_size())
     if bs_t is None and be_t is None:
         buf_max = be - bs
     else:
@@ -538,15 +579,14 @@ def sparse_attention(
         total_max = de + buf_max
     else:
         total_max = cap
-    blocks_max = max(1, triton.cdiv(total_max, block_n))
+    blocks_max = max(1, -(-total_max // block_n))
     if num_splits is None:
-        target = 4 * _num_sms(device)
-        num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
+        # One wave of programs (about two resident per SM at this register use), each with at
+        # least 4 blocks so the fixed cost of a program (prologue, partial, ticket) amortizes.
+        num_splits = max(1, min(-(-2 * _num_sms(device) // hkv), -(-blocks_max // 4)))
 
-    ws_ml = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
-    ws_cnt = torch.empty(hkv * num_splits * g, dtype=torch.int32, device=device)
-    ws_acc = torch.empty(hkv * num_splits * g * dv, dtype=torch.float32, device=device)
-    counters = _counters(device, hkv)
+    workspace = torch.empty(hkv * num_splits * g * (dv + 3), dtype=torch.float32, device=device)
+    counters = _counters(device, dev_id, hkv)
     g_p = 1 << (g - 1).bit_length()
 
     pos_arg = cand_pos if sparse else tau
@@ -557,7 +597,7 @@ def sparse_attention(
         de_t if de_t is not None else tau,
         bs_t if bs_t is not None else tau,
         be_t if be_t is not None else tau,
-        ws_ml, ws_acc, ws_cnt, counters,
+        workspace, counters,
         out, lse, num_attended,
         float(scale),
         de, bs, be,

@@ -1,0 +1,449 @@
+"""sparse_attention (Triton, split-K) against reference.masked_attention.
+
+Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1 must be set
+before the kernel is defined), on tiny shapes. With CUDA the same tests run on the GPU, plus
+larger shapes and a repeated-launch check of the cross-program combine.
+
+Every test draws fresh random data (the seed is in the failure message), poisons the
+preallocated outputs with NaN / garbage first, and fills storage beyond buffer_end and
+cand_pos beyond cand_count with garbage the kernel must never use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    # the kernel module may have been imported (and compiled for a GPU) by an earlier import
+    if "louver_kernels.triton.attention" in sys.modules:
+        importlib.reload(sys.modules["louver_kernels.triton.attention"])
+
+from louver_kernels import reference as ref  # noqa: E402
+from louver_kernels.triton.attention import sparse_attention  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DIMS = ((64, 64), (128, 128))
+GROUPS = (1, 3, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _gen() -> tuple[torch.Generator, int]:
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    return gen, seed
+
+
+def _storage(hkv: int, cap: int, valid: int, dim: int, dtype: torch.dtype,
+             gen: torch.Generator) -> torch.Tensor:
+    """[Hkv, cap, dim] storage: random rows below ``valid``, NaN garbage above."""
+    x = torch.randn(hkv, cap, dim, generator=gen)
+    x[:, valid:] = float("nan")
+    return x.to(dtype).to(DEVICE)
+
+
+def _candidates(hkv: int, below: int, counts: list[int], max_c: int, gen: torch.Generator
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Sorted random candidate positions < below per KV head, padded with garbage."""
+    pos = torch.randint(-(10**9), 10**9, (hkv, max_c), generator=gen, dtype=torch.int64)
+    lists = []
+    for h, c in enumerate(counts):
+        chosen = torch.sort(torch.randperm(below, generator=gen)[:c]).values
+        pos[h, :c] = chosen
+        lists.append(chosen)
+    return (pos.to(torch.int32).to(DEVICE),
+            torch.tensor(counts, dtype=torch.int32).to(DEVICE), lists)
+
+
+def _tau_in_gap(s: torch.Tensor, frac: float) -> float:
+    """A threshold between two sorted scores near the ``frac`` quantile, far from both.
+
+    Keys whose score is within rounding of tau could be classified differently by two fp32
+    summation orders; a gap of >= 1e-3 (relative to the score scale) avoids that.
+    """
+    if s.numel() == 0:
+        return 0.0
+    v = torch.sort(s.double()).values
+    scale_ = float(v.abs().max()) + 1e-30
+    target = int(frac * (v.numel() - 1))
+    order = sorted(range(v.numel() - 1), key=lambda i: abs(i - target))
+    for i in order:
+        if float(v[i + 1] - v[i]) > 1e-3 * scale_:
+            return float((v[i] + v[i + 1]) / 2)
+    return float(v[0]) - scale_  # below everything: attend all candidates
+
+
+def _poisoned(hq: int, dv: int, count_dtype: torch.dtype = torch.int32
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out = torch.full((hq, dv), float("nan"), device=DEVICE)
+    lse = torch.full((hq,), float("nan"), device=DEVICE)
+    cnt = torch.full((hq,), -12345, dtype=count_dtype, device=DEVICE)
+    return out, lse, cnt
+
+
+def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor,
+               scale: float, cand: list[torch.Tensor] | None, dense_end: int,
+               buffer_start: int, buffer_end: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attend mask from the rule, then reference.masked_attention (float32, CPU)."""
+    hq = q.shape[0]
+    hkv = keys.shape[0]
+    g = hq // hkv
+    qc, kc, vc = q.cpu(), keys[:, :buffer_end].cpu(), values[:, :buffer_end].cpu()
+    s = ref.scores(qc, kc)                                     # fp32 [Hq, buffer_end]
+    attend = torch.zeros(hq, buffer_end, dtype=torch.bool)
+    for h in range(hq):
+        c = cand[h // g].long() if cand is not None else torch.arange(dense_end)
+        if c.numel():
+            attend[h, c] = s[h, c] >= float(tau[h])
+        attend[h, buffer_start:buffer_end] = True
+    out, lse = ref.masked_attention(qc, kc, vc, attend, scale)
+    return out, lse, attend.sum(dim=1)
+
+
+def _check(got: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+           want: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int,
+           rtol: float = 1e-4) -> None:
+    out, lse, cnt = (t.cpu() for t in got)
+    r_out, r_lse, r_cnt = want
+    msg = f"seed={seed}"
+    assert torch.equal(cnt.long(), r_cnt.long()), f"{msg}: counts {cnt} vs {r_cnt}"
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{msg}: NaN left"
+    finite = torch.isfinite(r_lse)
+    assert torch.equal(torch.isfinite(lse), finite), f"{msg}: lse {lse} vs {r_lse}"
+    assert (lse[~finite] == -math.inf).all(), msg
+    assert (out[~finite] == 0).all(), f"{msg}: head attending nothing must output 0"
+    tol = 1e-4 + 1e-6 * r_lse[finite].abs()
+    assert ((lse[finite] - r_lse[finite]).abs() <= tol).all(), \
+        f"{msg}: lse max err {(lse[finite] - r_lse[finite]).abs().max()}"
+    amax = r_out.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+    err = ((out - r_out).abs() / amax).max()
+    assert torch.allclose(out, r_out, rtol=rtol, atol=rtol * float(amax.max())), \
+        f"{msg}: out max rel err {err}"
+
+
+def _q(hq: int, d: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0
+       ) -> torch.Tensor:
+    return (torch.randn(hq, d, generator=gen) * scale).to(dtype).to(DEVICE)
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse mode
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("dims", DIMS, ids=lambda x: f"d{x[0]}v{x[1]}")
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}")
+def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], group: int) -> None:
+    gen, seed = _gen()
+    d, dv = dims
+    hkv = 2
+    hq = hkv * group
+    n_idx = 160 if not CUDA else 3000
+    buf = 37 if not CUDA else 256
+    bs, be = n_idx, n_idx + buf
+    cap = be + 11
+    keys = _storage(hkv, cap, be, d, dtype, gen)
+    values = _storage(hkv, cap, be, dv, dtype, gen)
+    q = _q(hq, d, dtype, gen)
+    counts = [int(torch.randint(1, n_idx, (1,), generator=gen)) for _ in range(hkv)]
+    max_c = max(counts) + 5
+    cand_pos, cand_count, cand = _candidates(hkv, bs, counts, max_c, gen)
+    s = ref.scores(q.cpu(), keys[:, :be].cpu())
+    g = group
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.3 + 0.4 * (h % 2))
+                        for h in range(hq)], dtype=torch.float32)
+    scale = 1.0 / math.sqrt(d)
+    out, lse, cnt = _poisoned(hq, dv)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           out=out, lse=lse, num_attended=cnt)
+    assert got[0] is out and got[1] is lse and got[2] is cnt
+    _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
+def test_many_blocks_and_splits(num_splits: int) -> None:
+    """Candidates spanning many blocks; splits from one per head to more than there are blocks."""
+    gen, seed = _gen()
+    hkv, g, d = 2, 4, 64
+    hq = hkv * g
+    n_idx = 280 if not CUDA else 20000
+    bs, be = n_idx, n_idx + 20
+    keys = _storage(hkv, be, be, d, torch.float16, gen)
+    values = _storage(hkv, be, be, d, torch.float16, gen)
+    q = _q(hq, d, torch.float16, gen)
+    counts = [n_idx, n_idx * 2 // 3]
+    cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           num_splits=num_splits)
+    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+
+
+@pytest.mark.parametrize("with_buffer", [True, False])
+def test_empty_candidate_lists(with_buffer: bool) -> None:
+    gen, seed = _gen()
+    hkv, g, d = 2, 3, 64
+    hq = hkv * g
+    bs = 50
+    be = bs + (13 if with_buffer else 0)
+    keys = _storage(hkv, 64, be, d, torch.float32, gen)
+    values = _storage(hkv, 64, be, d, torch.float32, gen)
+    q = _q(hq, d, torch.float32, gen)
+    tau = torch.zeros(hq)
+    for max_c in (0, 7):
+        cand_pos, cand_count, cand = _candidates(hkv, bs, [0, 0], max_c, gen)
+        out, lse, cnt = _poisoned(hq, d, torch.int64)
+        got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                               cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                               out=out, lse=lse, num_attended=cnt)
+        _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+
+
+def test_empty_buffer_and_heads_attending_nothing() -> None:
+    """No buffer; one head's tau above all its scores, one KV head with no candidates."""
+    gen, seed = _gen()
+    hkv, g, d = 3, 4, 128
+    hq = hkv * g
+    bs = be = 120
+    keys = _storage(hkv, 130, be, d, torch.bfloat16, gen)
+    values = _storage(hkv, 130, be, d, torch.bfloat16, gen)
+    q = _q(hq, d, torch.bfloat16, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [70, 0, 119], 119, gen)
+    s = ref.scores(q.cpu(), keys[:, :be].cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    tau[1] = math.inf
+    tau[9] = float(s[9].max()) + 1.0
+    out, lse, cnt = _poisoned(hq, d)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.09, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           out=out, lse=lse, num_attended=cnt)
+    want = _reference(q, keys, values, tau, 0.09, cand, 0, bs, be)
+    assert int(want[2][1]) == 0 and int(want[2][9]) == 0 and (want[2][4:8] == 0).all()
+    _check(got, want, seed)
+
+
+def test_out_of_range_candidates_are_skipped() -> None:
+    """A buggy caller's positions outside [0, buffer_start) are never read nor counted."""
+    gen, seed = _gen()
+    hkv, g, d = 1, 2, 64
+    bs, be = 40, 48
+    keys = _storage(hkv, 64, be, d, torch.float16, gen)
+    values = _storage(hkv, 64, be, d, torch.float16, gen)
+    q = _q(hkv * g, d, torch.float16, gen)
+    good = torch.tensor([1, 5, 9, 39])
+    cand_pos = torch.tensor([[1, 5, -3, 9, 39, 40, 47, 63, 10**6]], dtype=torch.int32)
+    cand_count = torch.tensor([9], dtype=torch.int32)
+    tau = torch.full((hkv * g,), -math.inf)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125,
+                           cand_pos=cand_pos.to(DEVICE), cand_count=cand_count.to(DEVICE),
+                           buffer_start=bs, buffer_end=be)
+    _check(got, _reference(q, keys, values, tau, 0.125, [good], 0, bs, be), seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# dense mode
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}")
+def test_dense_mode(dtype: torch.dtype, group: int) -> None:
+    """tau = -inf: plain attention over [0, buffer_end); also a finite tau."""
+    gen, seed = _gen()
+    hkv, d = 2, 64
+    hq = hkv * group
+    bs = 150 if not CUDA else 5000
+    be = bs + 30
+    keys = _storage(hkv, be + 3, be, d, dtype, gen)
+    values = _storage(hkv, be + 3, be, d, dtype, gen)
+    q = _q(hq, d, dtype, gen)
+    tau = torch.full((hq,), -math.inf)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
+                           buffer_end=be)
+    _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
+    s = ref.scores(q.cpu(), keys[:, :be].cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, :bs], 0.8) for h in range(hq)])
+    out, lse, cnt = _poisoned(hq, d)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
+                           buffer_end=be, out=out, lse=lse, num_attended=cnt)
+    _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
+
+
+def test_dense_end_before_buffer_and_device_bounds() -> None:
+    """dense_end < buffer_start; the same call with bounds given as device tensors."""
+    gen, seed = _gen()
+    hkv, g, d = 2, 3, 64
+    hq = hkv * g
+    de, bs, be = 90, 120, 140
+    keys = _storage(hkv, 150, be, d, torch.float16, gen)
+    values = _storage(hkv, 150, be, d, torch.float16, gen)
+    q = _q(hq, d, torch.float16, gen)
+    s = ref.scores(q.cpu(), keys[:, :be].cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, :de], 0.5) for h in range(hq)])
+    want = _reference(q, keys, values, tau, 0.125, None, de, bs, be)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=de,
+                           buffer_start=bs, buffer_end=be)
+    _check(got, want, seed)
+
+    def dev(x: int) -> torch.Tensor:
+        return torch.tensor([x], dtype=torch.int32, device=DEVICE)
+
+    out, lse, cnt = _poisoned(hq, d)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=dev(de),
+                           buffer_start=dev(bs), buffer_end=torch.tensor(be, device=DEVICE),
+                           out=out, lse=lse, num_attended=cnt)
+    _check(got, want, seed)
+    # sparse mode with device bounds
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [40, 100], 100, gen)
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.4) for h in range(hq)])
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=dev(bs), buffer_end=dev(be))
+    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# numerics, layouts, mixed dtypes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["huge", "tiny"])
+def test_fp16_extremes(kind: str) -> None:
+    """Entries near the float16 maximum (huge, peaked scores) or tiny (subnormal-ish)."""
+    gen, seed = _gen()
+    hkv, g, d = 2, 4, 64
+    hq = hkv * g
+    bs, be = 100, 110
+    mag = 6.0e4 if kind == "huge" else 1.0e-3
+    keys = torch.randn(hkv, be, d, generator=gen).clamp(-1, 1) * mag
+    if kind == "tiny":
+        keys[:, :, ::3] *= 1e-4  # float16 subnormals
+    keys = keys.to(torch.float16).to(DEVICE)
+    values = (torch.randn(hkv, be, d, generator=gen).clamp(-3, 3)
+              * (2.0e4 if kind == "huge" else 1e-3)).to(torch.float16).to(DEVICE)
+    q = _q(hq, d, torch.float16, gen, scale=1.0 if kind == "huge" else 1e3)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [80, 99], 99, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    scale = 1.0 / math.sqrt(d) if kind == "tiny" else 1e-4
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be)
+    _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
+
+
+def test_strided_storage_and_mixed_dtypes() -> None:
+    """keys/values as views into wider storage (row stride != D); fp32 q with bf16 keys,
+    float16 values, Dv != D."""
+    gen, seed = _gen()
+    hkv, g, d, dv = 2, 2, 64, 128
+    hq = hkv * g
+    bs, be = 70, 80
+    kbig = _storage(hkv, 90, be, 2 * d, torch.bfloat16, gen)
+    vbig = _storage(hkv + 1, 90, be, dv + 32, torch.float16, gen)
+    keys, values = kbig[:, :, d:], vbig[1:, :, :dv]
+    q = _q(hq, d, torch.float32, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [33, 69], 69, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.1, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be)
+    _check(got, _reference(q, keys, values, tau, 0.1, cand, 0, bs, be), seed)
+
+
+def test_repeated_launches_reuse_counters() -> None:
+    """Consecutive launches with different split counts (the arrival counters must be left at
+    zero); on CUDA, many back-to-back launches must give bit-identical results."""
+    gen, seed = _gen()
+    hkv, g, d = 2, 4, 128
+    hq = hkv * g
+    n_idx = 200 if not CUDA else 50000
+    bs, be = n_idx, n_idx + 64
+    keys = _storage(hkv, be, be, d, torch.float16, gen)
+    values = _storage(hkv, be, be, d, torch.float16, gen)
+    q = _q(hq, d, torch.float16, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [n_idx // 2, n_idx // 3], n_idx // 2, gen)
+    tau = torch.full((hq,), -math.inf)
+    want = _reference(q, keys, values, tau, 0.08, cand, 0, bs, be)
+    first = None
+    for it, splits in enumerate([3, 1, 5, None] + ([None] * 40 if CUDA else [])):
+        got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.08, cand_pos=cand_pos,
+                               cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                               num_splits=splits)
+        if it < 4:
+            _check(got, want, seed)
+        if splits is None:
+            if first is None:
+                first = [t.clone() for t in got]
+            else:
+                same = all(torch.equal(a, b) for a, b in zip(first, got, strict=True))
+                assert same, f"seed={seed} it={it}"
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _valid_args() -> dict:
+    q = torch.randn(4, 64, device=DEVICE)
+    keys = torch.randn(2, 32, 64, device=DEVICE)
+    values = torch.randn(2, 32, 64, device=DEVICE)
+    tau = torch.zeros(4, device=DEVICE)
+    return dict(q=q, keys=keys, values=values, tau=tau, scale=0.125, buffer_start=20,
+                buffer_end=30)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(q=torch.randn(4, 64, dtype=torch.float64)), "float16, bfloat16 or float32"),
+    (dict(q=torch.randn(5, 64)), "multiple of Hkv"),
+    (dict(q=torch.randn(4, 48)), "head dim"),
+    (dict(tau=torch.zeros(4, dtype=torch.float64)), "tau"),
+    (dict(tau=torch.zeros(3)), "tau"),
+    (dict(keys=torch.randn(2, 64, 32).transpose(1, 2)), "contiguous"),
+    (dict(buffer_end=40), "exceeds the storage"),
+    (dict(buffer_start=31), "buffer_start <= buffer_end"),
+    (dict(buffer_start=2.0), "int"),
+    (dict(scale=float("nan")), "scale"),
+    (dict(cand_pos=torch.zeros(2, 4, dtype=torch.int32)), "cand_count"),
+    (dict(cand_pos=torch.zeros(2, 4, dtype=torch.int64),
+          cand_count=torch.zeros(2, dtype=torch.int32)), "cand_pos must be int32"),
+    (dict(cand_pos=torch.zeros(3, 4, dtype=torch.int32),
+          cand_count=torch.zeros(3, dtype=torch.int32)), "cand_pos must be int32"),
+    (dict(cand_count=torch.zeros(2, dtype=torch.int32)), "without cand_pos"),
+    (dict(dense_end=25), "attended twice"),
+    (dict(out=torch.zeros(4, 64, dtype=torch.float16)), "out must be"),
+    (dict(lse=torch.zeros(5)), "lse must be"),
+    (dict(num_attended=torch.zeros(4, dtype=torch.float32)), "num_attended must be"),
+    (dict(num_splits=0), "num_splits"),
+    (dict(buffer_end=torch.zeros(2, dtype=torch.int32)), "one int32/int64 element"),
+])
+def test_validation(change: dict, match: str) -> None:
+    args = _valid_args()
+    for k, v in change.items():
+        args[k] = v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(**args)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA (a CPU tensor next to CUDA tensors)")
+def test_validation_device_mismatch() -> None:
+    args = _valid_args()
+    args["tau"] = args["tau"].cpu()
+    with pytest.raises(ValueError, match="is on"):
+        sparse_attention(**args)
