@@ -62,8 +62,8 @@ def _quantile(values: Sequence[float], q: float) -> float:
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="louver-demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=32, help="tokens to generate [32]")
-    p.add_argument("--eps", type=float, default=1e-3,
-                   help="relative threshold: keep keys with weight >= eps * max [1e-3]")
+    p.add_argument("--eps", type=float, default=1e-4,
+                   help="relative threshold: keep keys with weight >= eps * max [1e-4]")
     p.add_argument("--prompt-tokens", type=int, default=1800,
                    help="minimum prompt length in tokens [1800]")
     p.add_argument("--target", default=None,

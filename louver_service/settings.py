@@ -93,7 +93,7 @@ class Settings(BaseSettings):
                                          description="default QUANT planes of the first pass")
     index_quant_group: int = Field(default=_INDEX.quant_group, ge=1,
                                    description="default QUANT channels per residual group")
-    default_policy: str = Field(default="relative:1e-3",
+    default_policy: str = Field(default="relative:1e-4",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "
                                             "fixed:TAU or dense")
