@@ -58,7 +58,7 @@ def test_session_lifecycle(stub: pb_grpc.LouverStub) -> None:
     assert sid in [s.session_id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions]
 
     generated = stub.CreateSession(pb.CreateSessionRequest(geometry=info.geometry)).session
-    assert generated.session_id and generated.default_policy.relative.eps == pytest.approx(1e-3)
+    assert generated.session_id and generated.default_policy.relative.eps == pytest.approx(1e-4)
 
     for s in (sid, generated.session_id):
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=s))

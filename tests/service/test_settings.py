@@ -29,7 +29,7 @@ def test_cli_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     config = s.index_config()
     assert config.kind is IndexKind.QUANT and config.quant_bits == 4
     assert s.policy() == TopK(8)
-    assert Settings().policy() == Relative(1e-3)
+    assert Settings().policy() == Relative(1e-4)
     with pytest.raises(pydantic.ValidationError):
         Settings(port=70000)
     with pytest.raises(pydantic.ValidationError):
