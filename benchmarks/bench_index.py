@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from louver_kernels import Fixed, IndexConfig, IndexKind, LouverIndex, Relative
+from louver_kernels import IndexConfig, IndexKind, LouverIndex, Mass, Relative, TopK
 from louver_kernels import reference as ref
 
 VARIANTS: dict[str, IndexConfig] = {
@@ -46,7 +46,7 @@ VARIANTS: dict[str, IndexConfig] = {
     "quant_b4_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_coarse_bits=4),
 }
 POLICIES = {"rel_1e-2": Relative(1e-2), "rel_1e-3": Relative(1e-3), "rel_1e-4": Relative(1e-4),
-            "top20": None}
+            "top20": TopK(20), "mass_1e-3": Mass(1e-3)}
 
 
 def hardware() -> dict[str, Any]:
@@ -63,12 +63,7 @@ def step_stats(index: LouverIndex, q: torch.Tensor, name: str) -> dict[str, floa
     keys, _ = index.keys_range(0, index.num_keys)
     s = ref.scores(q, keys)
     n, total = index.num_indexed, index.num_keys
-    if name == "top20":
-        k = min(20, total)
-        policy = Fixed(s.topk(k, dim=1).values[:, -1])
-    else:
-        policy = POLICIES[name]
-    out = index.attend(q, policy)
+    out = index.attend(q, POLICIES[name])
     tau = out.tau
     ub = index.bounds(q)
     cand = ub >= tau[:, None]
@@ -108,23 +103,34 @@ def run_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: int, step
     index = LouverIndex.build(k[:, :prefill], v[:, :prefill], config)
     build_s = time.perf_counter() - t0
     per_policy: dict[str, list[dict[str, float]]] = {p: [] for p in POLICIES}
-    flush_times = []
     for t in range(prefill, n_ctx):
-        flushes = index.num_flushes
-        t1 = time.perf_counter()
         index.append(k[:, t: t + 1], v[:, t: t + 1])
-        if index.num_flushes != flushes:
-            flush_times.append(time.perf_counter() - t1)
         for name in POLICIES:
             per_policy[name].append(step_stats(index, q[:, t], name))
     result: dict[str, Any] = {"build_s": build_s, "build_keys_per_s": prefill * k.shape[0] /
-                              build_s, "flush_s": statistics.median(flush_times)
-                              if flush_times else None}
+                              build_s, "flush_s": flush_time(k, v, config, n_ctx)}
     for name, rows in per_policy.items():
         result[name] = {key: (sum(r[key] for r in rows) / len(rows) if key != "false_negatives"
                               else sum(r[key] for r in rows)) for key in rows[0]}
         result[name]["max_certificate"] = max(r["max_certificate"] for r in rows)
     return result
+
+
+def flush_time(k: torch.Tensor, v: torch.Tensor, config: IndexConfig, n_ctx: int,
+               repeats: int = 5) -> float:
+    """Median seconds of the append that fills the buffer and flushes it into the index."""
+    seg = config.buffer_size
+    base = n_ctx - seg
+    times = []
+    for _ in range(repeats):
+        index = LouverIndex.build(k[:, :base], v[:, :base], config)
+        index.append(k[:, base: n_ctx - 1], v[:, base: n_ctx - 1])
+        flushes = index.num_flushes
+        t0 = time.perf_counter()
+        index.append(k[:, n_ctx - 1: n_ctx], v[:, n_ctx - 1: n_ctx])
+        times.append(time.perf_counter() - t0)
+        assert index.num_flushes == flushes + 1 and index.num_buffered == 0
+    return statistics.median(times)
 
 
 def incremental_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: int,
@@ -168,7 +174,8 @@ def main() -> None:
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     rows: list[dict[str, Any]] = []
     print(f"{'variant':14} {'layer':>5} {'N':>6} {'B/key':>6} {'idx%KV':>7} "
-          f"{'true@1e-3':>9} {'cand@1e-3':>9} {'ratio':>6} {'bytes':>6} {'FN':>3}")
+          f"{'true@1e-3':>9} {'cand@1e-3':>9} {'ratio':>6} {'bytes':>6} {'FN':>3} "
+          f"{'build ms':>8} {'flush ms':>8}")
     for vname, config in variants.items():
         for layer in layers:
             cap = {key: t.float() if key == "q" else t
@@ -190,7 +197,8 @@ def main() -> None:
                 print(f"{vname:14} {layer:5d} {n_ctx:6d} {rec:6d} {rec / kv:7.1%} "
                       f"{r['true_frac']:9.4f} {r['cand_frac']:9.4f} "
                       f"{r['cand_frac'] / max(r['true_frac'], 1e-9):6.2f} "
-                      f"{r['bytes_ratio']:6.3f} {r['false_negatives']:3d}", flush=True)
+                      f"{r['bytes_ratio']:6.3f} {r['false_negatives']:3d} "
+                      f"{res['build_s'] * 1e3:8.1f} {res['flush_s'] * 1e3:8.2f}", flush=True)
     incremental = []
     n_inc = max(c for c in contexts if c <= capture["layers"][layers[0]]["k"].shape[1])
     if args.appends and n_inc > args.appends:
@@ -226,13 +234,15 @@ def summarize(rows: list[dict[str, Any]], incremental: list[dict[str, Any]]
                                  "false_negatives": sum(r[p]["false_negatives"] for r in sel
                                                         for p in POLICIES),
                                  "build_keys_per_s": statistics.median(
-                                     r["build_keys_per_s"] for r in sel)}
+                                     r["build_keys_per_s"] for r in sel),
+                                 "flush_s": statistics.median(r["flush_s"] for r in sel)}
         for p in POLICIES:
             true = sum(r[p]["true_frac"] for r in sel) / len(sel)
             cand = sum(r[p]["cand_frac"] for r in sel) / len(sel)
             entry[p] = {"true_frac": true, "cand_frac": cand,
                         "cand_over_true": cand / max(true, 1e-12),
-                        "bytes_ratio": sum(r[p]["bytes_ratio"] for r in sel) / len(sel)}
+                        "bytes_ratio": sum(r[p]["bytes_ratio"] for r in sel) / len(sel),
+                        "max_certificate": max(r[p]["max_certificate"] for r in sel)}
         inc = [r["ratio"] for r in incremental if r["variant"] == vname]
         if inc:
             entry["incremental_ratio_max"] = max(inc)
