@@ -6,9 +6,16 @@ One launch computes, for every query head h of one decode step,
     out[h]  = softmax(scale * q_h . K[attended]) @ V[attended]        float32 [Hq, Dv]
     lse[h]  = logsumexp(scale * q_h . k_n over attended)              float32 [Hq]
     num_attended[h] = |attended(h)|
+    below(h)     = {n in cand(h // G) : fl32(q_h . k_n) < tau_h}   (the candidates h drops)
+    below_lse[h] = logsumexp(scale * q_h . k_n over below(h))         float32 [Hq], optional
 
 ``kernels/reference.py::masked_attention`` is the ground truth (with the attend mask built from
-the same rule).
+the same rule). below_lse is the certificate's term for the candidates a head does not attend:
+their exact scores are computed anyway, so the kernel accumulates them in a second online
+(max, sum) per head and lane. Only valid candidates count (never buffer keys, padding beyond
+cand_count or positions outside [0, buffer_start)); -inf where there is none (always when
+tau_h = -inf; every valid candidate when tau_h = +inf). It is computed only when the caller
+passes a below_lse tensor (constexpr BELOW): otherwise the kernel is the same as without it.
 
 Work decomposition ("flash-decoding")
 -------------------------------------
@@ -40,10 +47,11 @@ H200 or read off the compiled SASS:
   its scores, only for rows some head attends (masked loads move no bytes, so V traffic
   follows the attended keys, not the candidates), and consumed at iteration i+1.
 
-Combine. Each program writes its partial (m, l, acc, count) to a workspace, then takes a ticket
-from a per-KV-head arrival counter (atomic add, acq_rel, GPU scope, after a CTA barrier so the
-whole partial is released). The program that draws the last ticket merges the partials of its
-KV head and writes the outputs, then resets the counter to zero for the next launch. This keeps
+Combine. Each program writes its partial (m, l, acc, count; with BELOW also the below-tau
+(m, l)) to a workspace, then takes a ticket from a per-KV-head arrival counter (atomic add,
+acq_rel, GPU scope, after a CTA barrier so the whole partial is released). The program that
+draws the last ticket merges the partials of its KV head (the below-tau (m, l) exactly like
+(m, l)) and writes the outputs, then resets the counter to zero for the next launch. This keeps
 the operation a single launch (a Triton launch costs ~20 us of host time eagerly and a kernel
 boundary ~2 us inside a CUDA graph, both large against a 10-50 us decode step) and needs no
 memset: counters live in a cached per-(device, stream) buffer that is zero at creation and left
@@ -60,14 +68,21 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import no_type_check
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["sparse_attention"]
+from louver_kernels.triton._launch import (
+    FLOAT_DTYPES,
+    CounterPool,
+    check_device_scalar,
+    next_pow2,
+    num_sms,
+)
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+__all__ = ["sparse_attention"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,12 +122,13 @@ def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
 # to be 1 or a multiple of 16); strides stay specialized (16-byte vector loads need them).
 @triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c",
                                "num_splits"])
+@no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, tau_ptr,
     cand_pos_ptr, cand_count_ptr,
     dense_end_ptr, buf_start_ptr, buf_end_ptr,
     ws_ptr, counter_ptr,
-    out_ptr, lse_ptr, natt_ptr,
+    out_ptr, lse_ptr, natt_ptr, below_ptr,
     scale,
     dense_end, buf_start, buf_end,
     cap, max_c, num_splits,
@@ -121,15 +137,17 @@ def _sparse_attention_kernel(
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
-    BUF_END_ON_DEVICE: tl.constexpr,
+    BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr,
 ):
     kh = tl.program_id(0)
     split = tl.program_id(1)
-    # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32 counts
+    # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32
+    # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head)
     n_slots = tl.num_programs(0) * num_splits
     ws_ml_ptr = ws_ptr
     ws_acc_ptr = ws_ptr + n_slots * (2 * G)
     ws_cnt_ptr = (ws_acc_ptr + n_slots * (G * DV)).to(tl.pointer_type(tl.int32), bitcast=True)
+    ws_bl_ptr = ws_acc_ptr + n_slots * (G * DV + G)
     LOG2E: tl.constexpr = 1.4426950408889634
     NR: tl.constexpr = BLOCK_N // R
     C = scale * LOG2E  # the running maxima m are raw scores; weights are exp2((s - m) * C)
@@ -169,6 +187,8 @@ def _sparse_attention_kernel(
     ls = ()
     cs = ()
     accs = ()
+    mbs = ()   # BELOW: per-lane online (max, sum) over the candidates with s < tau
+    lbs = ()
     for g in tl.static_range(G):
         qs = qs + (tl.load(q_ptr + (kh * G + g) * stride_qh + d_k).to(tl.float32),)
         taus = taus + (tl.load(tau_ptr + kh * G + g),)
@@ -176,6 +196,9 @@ def _sparse_attention_kernel(
         ls = ls + (tl.zeros([R], tl.float32),)
         cs = cs + (tl.zeros([R], tl.int32),)
         accs = accs + (tl.zeros([R, NCV, CV], tl.float32),)
+        if BELOW:
+            mbs = mbs + (tl.full([R], float("-inf"), tl.float32),)
+            lbs = lbs + (tl.zeros([R], tl.float32),)
 
     k_base = k_ptr + kh.to(tl.int64) * stride_kh
     v_base = v_ptr + kh.to(tl.int64) * stride_vh
@@ -209,6 +232,7 @@ def _sparse_attention_kernel(
         # exact float32 scores of block i, the attend rule, per-lane counts
         kf = k_c.to(tl.float32)
         xs = ()
+        xbs = ()
         any_att = ok_c & False
         new_cs = ()
         for g in tl.static_range(G):
@@ -217,6 +241,9 @@ def _sparse_attention_kernel(
             any_att = any_att | att
             xs = xs + (tl.where(att, s, float("-inf")),)
             new_cs = new_cs + (cs[g] + tl.sum(tl.reshape(att.to(tl.int32), [NR, R]), axis=0),)
+            if BELOW:
+                # the valid candidates this head does not attend (s < tau)
+                xbs = xbs + (tl.where(cand_c & ok_c & (s < taus[g]), s, float("-inf")),)
         cs = new_cs
         # V rows of block i, only for keys some head attends (masked-off rows move no bytes)
         v_c = tl.load(v_base + pos_c[:, None, None] * stride_vn + d_v[None, :, :],
@@ -228,12 +255,28 @@ def _sparse_attention_kernel(
         new_ls = ()
         new_accs = ()
         new_p = ()
+        new_mbs = ()
+        new_lbs = ()
         for g in tl.static_range(G):
             x = tl.reshape(xs[g], [NR, R])
             m_new = tl.maximum(ms[g], tl.max(x, axis=0))                    # [R]
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2((ms[g] - m_use) * C)
-            p = tl.exp2((x - m_use[None, :]) * C)                           # 0 if not attended
+            if BELOW:
+                # the same online update over the below-tau candidates; a row is attended,
+                # below tau or neither (x = xb = -inf), so one exp2 per (row, head) serves both
+                xb = tl.reshape(xbs[g], [NR, R])
+                mb_new = tl.maximum(mbs[g], tl.max(xb, axis=0))
+                mb_use = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+                is_b = xb > x
+                e = tl.exp2((tl.maximum(x, xb)
+                             - tl.where(is_b, mb_use[None, :], m_use[None, :])) * C)
+                p = tl.where(is_b, 0.0, e)                                  # 0 if not attended
+                new_lbs = new_lbs + (lbs[g] * tl.exp2((mbs[g] - mb_use) * C)
+                                     + tl.sum(tl.where(is_b, e, 0.0), axis=0),)
+                new_mbs = new_mbs + (mb_new,)
+            else:
+                p = tl.exp2((x - m_use[None, :]) * C)                       # 0 if not attended
             new_ls = new_ls + (ls[g] * alpha + tl.sum(p, axis=0),)
             # alpha * (acc + p_prev @ V_prev) as FMAs: acc * alpha + (alpha * p_prev) @ V_prev
             pa = p_p[g] * alpha[None, :]
@@ -245,6 +288,9 @@ def _sparse_attention_kernel(
         ls = new_ls
         accs = new_accs
         p_p = new_p
+        if BELOW:
+            mbs = new_mbs
+            lbs = new_lbs
         v_p = v_c
         k_c = k_n
         pos_c = pos_n
@@ -271,6 +317,11 @@ def _sparse_attention_kernel(
         tl.store(ws_cnt_ptr + slot * G + g, tl.sum(cs[g], axis=0))
         tl.store(ws_acc_ptr + (slot * G + g) * DV + d_v,
                  tl.sum(accs[g] * w[:, None, None], axis=0))
+        if BELOW:
+            mb_g = tl.max(mbs[g], axis=0)
+            wb = tl.exp2((mbs[g] - tl.where(mb_g == float("-inf"), 0.0, mb_g)) * C)
+            tl.store(ws_bl_ptr + (slot * 2) * G + g, mb_g)
+            tl.store(ws_bl_ptr + (slot * 2 + 1) * G + g, tl.sum(lbs[g] * wb, axis=0))
 
     # every thread's stores are ordered before the ticket (CTA barrier + release at GPU scope)
     tl.debug_barrier()
@@ -286,6 +337,8 @@ def _sparse_attention_kernel(
         l_tot = tl.zeros([G_P], tl.float32)
         n_tot = tl.zeros([G_P], tl.int32)
         o_tot = tl.zeros([G_P, DV], tl.float32)
+        mb_tot = tl.full([G_P], float("-inf"), tl.float32)
+        lb_tot = tl.zeros([G_P], tl.float32)
         s0 = 0
         while s0 < num_splits:
             sp = s0 + offs_s
@@ -308,6 +361,16 @@ def _sparse_attention_kernel(
             o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
             n_tot += tl.sum(c_s, axis=0)
             m_tot = m_new
+            if BELOW:
+                mb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
+                               other=float("-inf"), cache_modifier=".cg")
+                lb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :],
+                               mask=msk, other=0.0, cache_modifier=".cg")
+                mb_new = tl.maximum(mb_tot, tl.max(mb_s, axis=0))
+                mb_use = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+                lb_tot = (lb_tot * tl.exp2((mb_tot - mb_use) * C)
+                          + tl.sum(lb_s * tl.exp2((mb_s - mb_use[None, :]) * C), axis=0))
+                mb_tot = mb_new
             s0 += SPLIT_CHUNK
         has = l_tot > 0.0
         l_safe = tl.where(has, l_tot, 1.0)
@@ -317,6 +380,11 @@ def _sparse_attention_kernel(
         lse_v = tl.where(has, m_tot * scale + tl.log(l_safe), float("-inf"))
         tl.store(lse_ptr + qh, lse_v, mask=g_ok)
         tl.store(natt_ptr + qh, n_tot, mask=g_ok)
+        if BELOW:
+            hb = lb_tot > 0.0
+            below_v = tl.where(hb, mb_tot * scale + tl.log(tl.where(hb, lb_tot, 1.0)),
+                               float("-inf"))
+            tl.store(below_ptr + qh, below_v, mask=g_ok)
         # leave the counter at zero for the next launch on this stream
         tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
 
@@ -325,35 +393,7 @@ def _sparse_attention_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
-
-
-def _counters(device: torch.device, dev_id: int, n: int) -> torch.Tensor:
-    """Per-(device, stream) arrival counters, int32 [>= n], zero between launches."""
-    if dev_id >= 0:
-        get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-        stream = get_raw(dev_id) if get_raw is not None \
-            else torch.cuda.current_stream(device).cuda_stream
-    else:
-        stream = 0
-    key = (dev_id, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNT.get(index)
-    if count is None:
-        count = torch.cuda.get_device_properties(index).multi_processor_count
-        _SM_COUNT[index] = count
-    return count
+_COUNTERS = CounterPool()  # per-KV-head arrival tickets
 
 
 def _is_pow2(x: int) -> bool:
@@ -387,16 +427,11 @@ def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
     return block_n, r, ck, cv, num_warps
 
 
-def _bound(name: str, value: int | torch.Tensor, dev_id: int
+def _bound(name: str, value: int | torch.Tensor, device: torch.device
            ) -> tuple[int, torch.Tensor | None]:
     """Validate a position bound: a Python int or a 1-element integer tensor on ``device``."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name} given as a tensor must hold one int32/int64 element, got "
-                             f"shape {tuple(value.shape)} dtype {value.dtype}")
-        if value.get_device() != dev_id:
-            raise ValueError(f"{name} is on {value.device}, expected q's device")
-        return 0, value
+        return 0, check_device_scalar(name, value, device)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int or a 1-element integer tensor, got "
                          f"{type(value).__name__}")
@@ -431,6 +466,7 @@ def sparse_attention(
     out: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
     num_attended: torch.Tensor | None = None,
+    below_lse: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholded attention over candidates plus the recent buffer, for one decode step.
@@ -459,13 +495,21 @@ def sparse_attention(
             use this to capture one CUDA graph for every decode step).
         out, lse, num_attended: optional preallocated outputs: float32 [Hq, Dv], float32 [Hq],
             int32 or int64 [Hq], contiguous, on q's device. Every element is written.
+        below_lse: optional output, float32 [Hq], contiguous, on q's device. When given, every
+            element is written with logsumexp(scale * s) over the candidates of head h's KV
+            head whose float32 score s = q_h . k_n is < tau[h] (the candidates it does not
+            attend; buffer keys, cand_pos entries beyond cand_count and positions outside
+            [0, buffer_start) never count), -inf where there is none: the certificate's term
+            for them. In dense mode the candidates are [0, dense_end). When None (default)
+            the kernel skips this work.
         num_splits: override of the number of programs per KV head (default: enough programs
             for one wave on the device, at least four blocks each).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
         weighted sum of V over the attended keys; logsumexp(scale * s) over them; their count.
-        A head that attends nothing gets out = 0 and lse = -inf.
+        A head that attends nothing gets out = 0 and lse = -inf. below_lse, when given, is
+        filled in place (not returned).
 
     Raises:
         ValueError: on any shape, dtype, device, layout or range problem of the arguments.
@@ -487,7 +531,7 @@ def sparse_attention(
         if t.get_device() != dev_id:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
     for name, t in (("q", q), ("keys", keys), ("values", values)):
-        if t.dtype not in _FLOAT_DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dimension")
@@ -505,8 +549,8 @@ def sparse_attention(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(float(scale)) or float(scale) <= 0.0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
-    bs, bs_t = _bound("buffer_start", buffer_start, dev_id)
-    be, be_t = _bound("buffer_end", buffer_end, dev_id)
+    bs, bs_t = _bound("buffer_start", buffer_start, device)
+    be, be_t = _bound("buffer_end", buffer_end, device)
     if bs_t is None and be_t is None and not 0 <= bs <= be:
         raise ValueError(f"need 0 <= buffer_start <= buffer_end, got {bs}, {be}")
     if bs_t is None and bs < 0:
@@ -545,7 +589,7 @@ def sparse_attention(
         if dense_end is None:
             de, de_t = bs, bs_t
         else:
-            de, de_t = _bound("dense_end", dense_end, dev_id)
+            de, de_t = _bound("dense_end", dense_end, device)
             if de_t is None and de < 0:
                 raise ValueError(f"dense_end must be >= 0, got {de}")
             if de_t is None and bs_t is None and de > bs:
@@ -558,6 +602,7 @@ def sparse_attention(
     _check_out("out", out, (hq, dv), (torch.float32,), dev_id)
     _check_out("lse", lse, (hq,), (torch.float32,), dev_id)
     _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    _check_out("below_lse", below_lse, (hq,), (torch.float32,), dev_id)
     if out is None:
         out = torch.empty(hq, dv, dtype=torch.float32, device=device)
     if lse is None:
@@ -583,11 +628,13 @@ def sparse_attention(
     if num_splits is None:
         # One wave of programs (about two resident per SM at this register use), each with at
         # least 4 blocks so the fixed cost of a program (prologue, partial, ticket) amortizes.
-        num_splits = max(1, min(-(-2 * _num_sms(device) // hkv), -(-blocks_max // 4)))
+        num_splits = max(1, min(-(-2 * num_sms(device) // hkv), -(-blocks_max // 4)))
 
-    workspace = torch.empty(hkv * num_splits * g * (dv + 3), dtype=torch.float32, device=device)
-    counters = _counters(device, dev_id, hkv)
-    g_p = 1 << (g - 1).bit_length()
+    below = below_lse is not None
+    workspace = torch.empty(hkv * num_splits * g * (dv + (5 if below else 3)),
+                            dtype=torch.float32, device=device)
+    counters = _COUNTERS.get(device, hkv)
+    g_p = next_pow2(g)
 
     pos_arg = cand_pos if sparse else tau
     cnt_arg = cand_count if sparse else tau
@@ -598,16 +645,16 @@ def sparse_attention(
         bs_t if bs_t is not None else tau,
         be_t if be_t is not None else tau,
         workspace, counters,
-        out, lse, num_attended,
+        out, lse, num_attended, below_lse if below else tau,
         float(scale),
         de, bs, be,
         cap, max_c, num_splits,
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        cand_pos.stride(0) if sparse else 0,
+        cand_pos.stride(0) if cand_pos is not None else 0,
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
         G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
-        BUF_END_ON_DEVICE=be_t is not None,
+        BUF_END_ON_DEVICE=be_t is not None, BELOW=below,
         num_warps=num_warps, num_stages=1,
     )
     return out, lse, num_attended

@@ -112,10 +112,16 @@ import triton
 import triton.language as tl
 
 from louver_kernels import reference as ref
+from louver_kernels.triton._launch import (
+    FLOAT_DTYPES,
+    CounterPool,
+    check_device_scalar,
+    next_pow2,
+    num_sms,
+)
 
 __all__ = ["quant_filter", "quant_filter_reference"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
@@ -418,34 +424,7 @@ def _quant_filter_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
-_COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
-_SM_COUNT: dict[int, int] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per-(device, stream) counters, int32 [>= n], zero between launches."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-    return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    count = _SM_COUNT.get(index)
-    if count is None:
-        count = torch.cuda.get_device_properties(index).multi_processor_count
-        _SM_COUNT[index] = count
-    return count
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+_COUNTERS = CounterPool()  # per KV head: slot counters [0, Hkv), arrival tickets [Hkv, 2 Hkv)
 
 
 def _chunks(count: int) -> tuple[int, int]:
@@ -463,7 +442,7 @@ def _tile(nbp: int, g: int, num_warps: int, block_n: int | None, seg: int | None
     t = nbp // v
     r = (32 // t) * num_warps
     if block_n is None:
-        block_n = max(r, 128 if seg is None else min(128, _next_pow2(seg)))
+        block_n = max(r, 128 if seg is None else min(128, next_pow2(seg)))
     if block_n % r:
         raise ValueError(f"block_n={block_n} must be a multiple of {r}")
     return v, t, r, block_n
@@ -569,7 +548,7 @@ def quant_filter(
         raise ValueError(f"q must be [Hq, D], got shape {list(q.shape)}")
     hq, d = q.shape
     device = q.device
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise ValueError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     if d < 8 or d % 8:
         raise ValueError(f"head dim D={d} must be a positive multiple of 8")
@@ -618,12 +597,8 @@ def quant_filter(
             or not math.isfinite(float(scale)) or float(scale) <= 0:
         raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
     if isinstance(num_indexed, torch.Tensor):
-        if num_indexed.numel() != 1 or num_indexed.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"num_indexed given as a tensor must hold one int32/int64 element, "
-                             f"got shape {list(num_indexed.shape)} dtype {num_indexed.dtype}")
-        if num_indexed.device != device:
-            raise ValueError(f"num_indexed is on {num_indexed.device}, expected {device}")
-        n_value, n_tensor, n_max = 0, num_indexed, cap
+        n_tensor = check_device_scalar("num_indexed", num_indexed, device)
+        n_value, n_max = 0, cap
     else:
         n_value = _check_int("num_indexed", num_indexed, 0, cap)
         n_tensor, n_max = None, n_value
@@ -657,20 +632,20 @@ def quant_filter(
     cap_out = min(cap, cand_pos.shape[1])
 
     # ---- plan (host-known quantities only) ----
-    nbp = _next_pow2(nb)
+    nbp = next_pow2(nb)
     v, tpr, r, bn = _tile(nbp, g, num_warps, block_n, seg if segmented else None)
     if segmented:
         blocks_max = max(1, triton.cdiv(n_max, seg) * triton.cdiv(seg, bn))
     else:
         blocks_max = max(1, triton.cdiv(n_max, bn))
     if num_splits is None:
-        target = 8 * _num_sms(device)
+        target = 8 * num_sms(device)
         num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
     cm0, cm1 = _chunks(coarse_bits)
     fm0, fm1 = _chunks(bits - coarse_bits)
     s = bits - coarse_bits
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
-    counters = _counters(device, 2 * hkv)
+    counters = _COUNTERS.get(device, 2 * hkv)
 
     _quant_filter_kernel[(num_splits, hkv)](
         q, planes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
@@ -679,7 +654,7 @@ def quant_filter(
         q.stride(0), planes.stride(0), planes.stride(1), planes.stride(2),
         err.stride(0), err.stride(1), stride_lh, stride_ls, cand_pos.stride(0),
         G=g, NB=nb, NBP=nbp, V=v, T=tpr, NG=ng, NGT=triton.cdiv(ng, nbp), GRP=group,
-        GRPP=_next_pow2(group), BLOCK_N=bn, R=r,
+        GRPP=next_pow2(group), BLOCK_N=bn, R=r,
         CM0=cm0, CM1=cm1, FM0=fm0, FM1=fm1,
         SHIFT=float(1 << s), HALF=((1 << s) - 1) / 2.0,
         FINE_MAGIC=float(2.0 ** (23 - s)),

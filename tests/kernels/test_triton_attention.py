@@ -6,7 +6,9 @@ larger shapes and a repeated-launch check of the cross-program combine.
 
 Every test draws fresh random data (the seed is in the failure message), poisons the
 preallocated outputs with NaN / garbage first, and fills storage beyond buffer_end and
-cand_pos beyond cand_count with garbage the kernel must never use.
+cand_pos beyond cand_count with garbage the kernel must never use. The optional below_lse output
+(logsumexp of scale * s over the candidates with s < tau) is checked against plain torch in the
+same cases.
 """
 
 from __future__ import annotations
@@ -113,6 +115,38 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: t
     return out, lse, attend.sum(dim=1)
 
 
+def _poisoned_below(hq: int) -> torch.Tensor:
+    return torch.full((hq,), float("nan"), device=DEVICE)
+
+
+def _reference_below(q: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, scale: float,
+                     cand: list[torch.Tensor] | None, dense_end: int) -> torch.Tensor:
+    """float32 [Hq]: logsumexp(scale * s) over the candidates with fp32 score s < tau (plain
+    torch; -inf where there is none). Buffer keys never count."""
+    hq = q.shape[0]
+    g = hq // keys.shape[0]
+    end = max([dense_end] + [int(c.max()) + 1 for c in cand or [] if c.numel()])
+    s = ref.scores(q.cpu(), keys[:, :end].cpu())               # fp32 [Hq, end]
+    below = torch.zeros(hq, end, dtype=torch.bool)
+    for h in range(hq):
+        c = cand[h // g].long() if cand is not None else torch.arange(dense_end)
+        if c.numel():
+            below[h, c] = s[h, c] < float(tau[h])
+    x = (scale * s).masked_fill(~below, -math.inf)
+    return torch.logsumexp(x, dim=1)
+
+
+def _check_below(got: torch.Tensor, want: torch.Tensor, seed: int) -> None:
+    got = got.cpu()
+    msg = f"seed={seed}: below_lse {got} vs {want}"
+    assert not torch.isnan(got).any(), msg
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(got), finite), msg
+    assert (got[~finite] == -math.inf).all(), msg
+    tol = 1e-4 + 1e-6 * want[finite].abs()
+    assert ((got[finite] - want[finite]).abs() <= tol).all(), msg
+
+
 def _check(got: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
            want: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int,
            rtol: float = 1e-4) -> None:
@@ -168,11 +202,13 @@ def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], gro
                         for h in range(hq)], dtype=torch.float32)
     scale = 1.0 / math.sqrt(d)
     out, lse, cnt = _poisoned(hq, dv)
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           out=out, lse=lse, num_attended=cnt)
+                           out=out, lse=lse, num_attended=cnt, below_lse=below)
     assert got[0] is out and got[1] is lse and got[2] is cnt
     _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, scale, cand, 0), seed)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
@@ -190,10 +226,42 @@ def test_many_blocks_and_splits(num_splits: int) -> None:
     cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    tau[1], tau[6] = -math.inf, math.inf
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           num_splits=num_splits)
+                           num_splits=num_splits, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+    want = _reference_below(q, keys, tau, 0.125, cand, 0)
+    assert want[1] == -math.inf and torch.isfinite(want[6])
+    _check_below(below, want, seed)
+
+
+def test_merge_over_split_chunks() -> None:
+    """G * Dv large enough that the last program merges the partials in several chunks of
+    splits; key norms grow with the position, so later chunks tend to hold the maxima."""
+    gen, seed = _gen()
+    hkv, g, d, dv = 1, 8, 64, 256     # 8192 // (G * Dv) = 4 splits per merge chunk
+    hq = hkv * g
+    n_idx = 180 if not CUDA else 6000
+    bs, be = n_idx, n_idx + 9
+    keys = torch.randn(hkv, be, d, generator=gen) * torch.linspace(0.5, 2.0, be)[None, :, None]
+    keys = keys.to(DEVICE)
+    values = _storage(hkv, be, be, dv, torch.float32, gen)
+    q = _q(hq, d, torch.float32, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [n_idx - 3], n_idx, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[0].long()], 0.2 + 0.1 * h) for h in range(hq)])
+    tau[3] = math.inf
+    for splits in (6, 9):          # 6 blocks of 32 entries under the interpreter
+        out, lse, cnt = _poisoned(hq, dv)
+        below = _poisoned_below(hq)
+        got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                               cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                               out=out, lse=lse, num_attended=cnt, below_lse=below,
+                               num_splits=splits if not CUDA else 8 * splits)
+        _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+        _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
 
 
 @pytest.mark.parametrize("with_buffer", [True, False])
@@ -210,10 +278,12 @@ def test_empty_candidate_lists(with_buffer: bool) -> None:
     for max_c in (0, 7):
         cand_pos, cand_count, cand = _candidates(hkv, bs, [0, 0], max_c, gen)
         out, lse, cnt = _poisoned(hq, d, torch.int64)
+        below = _poisoned_below(hq)
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                               out=out, lse=lse, num_attended=cnt)
+                               out=out, lse=lse, num_attended=cnt, below_lse=below)
         _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+        assert (below.cpu() == -math.inf).all(), f"seed={seed}: {below}"
 
 
 def test_empty_buffer_and_heads_attending_nothing() -> None:
@@ -231,12 +301,21 @@ def test_empty_buffer_and_heads_attending_nothing() -> None:
     tau[1] = math.inf
     tau[9] = float(s[9].max()) + 1.0
     out, lse, cnt = _poisoned(hq, d)
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.09, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           out=out, lse=lse, num_attended=cnt)
+                           out=out, lse=lse, num_attended=cnt, below_lse=below)
     want = _reference(q, keys, values, tau, 0.09, cand, 0, bs, be)
     assert int(want[2][1]) == 0 and int(want[2][9]) == 0 and (want[2][4:8] == 0).all()
     _check(got, want, seed)
+    # heads 1 (tau = +inf) and 9 (tau above every score) drop all their candidates
+    s_c = ref.scores(q.cpu(), keys[:, :bs].cpu())
+    want_b = _reference_below(q, keys, tau, 0.09, cand, 0)
+    for h in (1, 9):
+        c = cand[h // g].long()
+        assert torch.allclose(want_b[h], torch.logsumexp(0.09 * s_c[h, c], dim=0))
+    assert (want_b[4:8] == -math.inf).all()
+    _check_below(below, want_b, seed)
 
 
 def test_out_of_range_candidates_are_skipped() -> None:
@@ -250,11 +329,15 @@ def test_out_of_range_candidates_are_skipped() -> None:
     good = torch.tensor([1, 5, 9, 39])
     cand_pos = torch.tensor([[1, 5, -3, 9, 39, 40, 47, 63, 10**6]], dtype=torch.int32)
     cand_count = torch.tensor([9], dtype=torch.int32)
-    tau = torch.full((hkv * g,), -math.inf)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125,
-                           cand_pos=cand_pos.to(DEVICE), cand_count=cand_count.to(DEVICE),
-                           buffer_start=bs, buffer_end=be)
-    _check(got, _reference(q, keys, values, tau, 0.125, [good], 0, bs, be), seed)
+    for t in (-math.inf, math.inf):
+        tau = torch.full((hkv * g,), t)
+        below = _poisoned_below(hkv * g)
+        got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125,
+                               cand_pos=cand_pos.to(DEVICE), cand_count=cand_count.to(DEVICE),
+                               buffer_start=bs, buffer_end=be, below_lse=below)
+        _check(got, _reference(q, keys, values, tau, 0.125, [good], 0, bs, be), seed)
+        # tau = +inf: exactly the four in-range candidates are below tau
+        _check_below(below, _reference_below(q, keys, tau, 0.125, [good], 0), seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,15 +358,19 @@ def test_dense_mode(dtype: torch.dtype, group: int) -> None:
     values = _storage(hkv, be + 3, be, d, dtype, gen)
     q = _q(hq, d, dtype, gen)
     tau = torch.full((hq,), -math.inf)
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
-                           buffer_end=be)
+                           buffer_end=be, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
+    assert (below.cpu() == -math.inf).all(), f"seed={seed}: {below}"
     s = ref.scores(q.cpu(), keys[:, :be].cpu())
     tau = torch.tensor([_tau_in_gap(s[h, :bs], 0.8) for h in range(hq)])
     out, lse, cnt = _poisoned(hq, d)
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
-                           buffer_end=be, out=out, lse=lse, num_attended=cnt)
+                           buffer_end=be, out=out, lse=lse, num_attended=cnt, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, None, bs), seed)
 
 
 def test_dense_end_before_buffer_and_device_bounds() -> None:
@@ -306,16 +393,22 @@ def test_dense_end_before_buffer_and_device_bounds() -> None:
         return torch.tensor([x], dtype=torch.int32, device=DEVICE)
 
     out, lse, cnt = _poisoned(hq, d)
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=dev(de),
                            buffer_start=dev(bs), buffer_end=torch.tensor(be, device=DEVICE),
-                           out=out, lse=lse, num_attended=cnt)
+                           out=out, lse=lse, num_attended=cnt, below_lse=below)
     _check(got, want, seed)
+    # only [0, dense_end) are candidates: [dense_end, buffer_start) never counts
+    _check_below(below, _reference_below(q, keys, tau, 0.125, None, de), seed)
     # sparse mode with device bounds
     cand_pos, cand_count, cand = _candidates(hkv, bs, [40, 100], 100, gen)
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.4) for h in range(hq)])
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
-                           cand_count=cand_count, buffer_start=dev(bs), buffer_end=dev(be))
+                           cand_count=cand_count, buffer_start=dev(bs), buffer_end=dev(be),
+                           below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,9 +435,12 @@ def test_fp16_extremes(kind: str) -> None:
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
     scale = 1.0 / math.sqrt(d) if kind == "tiny" else 1e-4
+    below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
-                           cand_count=cand_count, buffer_start=bs, buffer_end=be)
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           below_lse=below)
     _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, scale, cand, 0), seed)
 
 
 def test_strided_storage_and_mixed_dtypes() -> None:
@@ -367,8 +463,9 @@ def test_strided_storage_and_mixed_dtypes() -> None:
 
 
 def test_repeated_launches_reuse_counters() -> None:
-    """Consecutive launches with different split counts (the arrival counters must be left at
-    zero); on CUDA, many back-to-back launches must give bit-identical results."""
+    """Consecutive launches with different split counts, with and without below_lse (the
+    arrival counters must be left at zero); on CUDA, many back-to-back launches must give
+    bit-identical results."""
     gen, seed = _gen()
     hkv, g, d = 2, 4, 128
     hq = hkv * g
@@ -378,20 +475,31 @@ def test_repeated_launches_reuse_counters() -> None:
     values = _storage(hkv, be, be, d, torch.float16, gen)
     q = _q(hq, d, torch.float16, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [n_idx // 2, n_idx // 3], n_idx // 2, gen)
-    tau = torch.full((hq,), -math.inf)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    tau[0] = -math.inf
     want = _reference(q, keys, values, tau, 0.08, cand, 0, bs, be)
-    first = None
-    for it, splits in enumerate([3, 1, 5, None] + ([None] * 40 if CUDA else [])):
+    want_b = _reference_below(q, keys, tau, 0.08, cand, 0)
+    # launches with and without below_lse (different workspace layouts) interleaved
+    plan = [(3, True), (1, False), (5, True), (None, False), (None, True)]
+    if CUDA:
+        plan += [(None, it % 2 == 0) for it in range(40)]
+    first: dict[bool, list[torch.Tensor]] = {}
+    for it, (splits, with_below) in enumerate(plan):
+        below = _poisoned_below(hq) if with_below else None
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.08, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                               num_splits=splits)
-        if it < 4:
+                               num_splits=splits, below_lse=below)
+        if it < 5:
             _check(got, want, seed)
+            if below is not None:
+                _check_below(below, want_b, seed)
         if splits is None:
-            if first is None:
-                first = [t.clone() for t in got]
+            res = [t.clone() for t in got] + ([below.clone()] if below is not None else [])
+            if with_below not in first:
+                first[with_below] = res
             else:
-                same = all(torch.equal(a, b) for a, b in zip(first, got, strict=True))
+                same = all(torch.equal(a, b) for a, b in zip(first[with_below], res, strict=True))
                 assert same, f"seed={seed} it={it}"
 
 
@@ -430,6 +538,8 @@ def _valid_args() -> dict:
     (dict(out=torch.zeros(4, 64, dtype=torch.float16)), "out must be"),
     (dict(lse=torch.zeros(5)), "lse must be"),
     (dict(num_attended=torch.zeros(4, dtype=torch.float32)), "num_attended must be"),
+    (dict(below_lse=torch.zeros(4, dtype=torch.float64)), "below_lse must be"),
+    (dict(below_lse=torch.zeros(8)[::2]), "below_lse must be contiguous"),
     (dict(num_splits=0), "num_splits"),
     (dict(buffer_end=torch.zeros(2, dtype=torch.int32)), "one int32/int64 element"),
 ])

@@ -1,0 +1,85 @@
+"""Host-side helpers shared by the Triton launchers (attention.py, quant_filter.py).
+
+Host code only (no Triton kernels), so that a launcher module can be reloaded under the Triton
+interpreter without reloading this one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FLOAT_DTYPES", "CounterPool", "check_device_scalar", "next_pow2", "num_sms"]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _device_index(device: torch.device) -> int:
+    """CUDA ordinal of ``device`` (-1 for a non-CUDA device)."""
+    if device.type != "cuda":
+        return -1
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def _current_stream(dev_id: int) -> int:
+    """Raw handle of the current CUDA stream of device ``dev_id`` (0 when dev_id < 0).
+
+    Uses torch's raw-stream getter where it exists: it skips building a Stream object, which
+    matters at one launch per decode step."""
+    if dev_id < 0:
+        return 0
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None:
+        return int(get_raw(dev_id))
+    return int(torch.cuda.current_stream(dev_id).cuda_stream)
+
+
+class CounterPool:
+    """Per-(device, stream) int32 counter buffers that are zero between launches.
+
+    A kernel that uses them (arrival tickets, slot counters) must leave every counter it touches
+    at zero when it ends; a buffer is zero at creation. Launches on one stream are ordered, so
+    they never share a counter concurrently; launches on different streams use different
+    buffers. Each launcher module owns its own pool.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(self, device: torch.device, n: int) -> torch.Tensor:
+        """int32 [>= max(n, 64)] counters on ``device`` for its current stream."""
+        dev_id = _device_index(device)
+        key = (dev_id, _current_stream(dev_id))
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+            self._bufs[key] = buf
+        return buf
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 132 (an H100/H200) otherwise."""
+    if device.type != "cuda":
+        return 132
+    index = _device_index(device)
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = torch.cuda.get_device_properties(index).multi_processor_count
+        _SM_COUNT[index] = count
+    return count
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= x, for x >= 1."""
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def check_device_scalar(name: str, value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Validate a scalar the kernel reads from memory: one int32/int64 element on ``device``."""
+    if value.numel() != 1 or value.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} given as a tensor must hold one int32/int64 element, got "
+                         f"shape {list(value.shape)} dtype {value.dtype}")
+    if value.get_device() != _device_index(device):
+        raise ValueError(f"{name} is on {value.device}, expected q's device {device}")
+    return value

@@ -1,0 +1,106 @@
+"""The whole decode step through the Triton kernels (IndexConfig(backend="triton")) against
+the plain-torch backend over the same keys: same tau, same attended set, same output and LSE,
+and a certificate that bounds the true dropped mass.
+
+Without CUDA the kernels run under Triton's interpreter on CPU tensors (small shapes).
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+    for name in ("louver_kernels.triton.attention", "louver_kernels.triton.quant_filter",
+                 "louver_kernels.triton.decode"):
+        if name in sys.modules:
+            importlib.reload(sys.modules[name])
+
+from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative  # noqa: E402
+from louver_kernels import reference as ref  # noqa: E402
+from tests.kernels.keygen import make_keys  # noqa: E402
+
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def build_pair(keys: torch.Tensor, values: torch.Tensor, **cfg: object
+               ) -> tuple[LouverIndex, LouverIndex]:
+    base = dict(kind=IndexKind.QUANT, **cfg)
+    torch_index = LouverIndex.build(keys, values, IndexConfig(backend="torch", **base))
+    triton_index = LouverIndex.build(keys.to(DEVICE), values.to(DEVICE),
+                                     IndexConfig(backend="triton", **base))
+    assert triton_index.uses_triton and not torch_index.uses_triton
+    return torch_index, triton_index
+
+
+@pytest.mark.parametrize("kind", ["clustered", "outlier_channel", "duplicates"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [1, 3])
+def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group: int) -> None:
+    seed = int(torch.randint(0, 2**31, ()).item())
+    gen = torch.Generator().manual_seed(seed)
+    hkv, n, d = 2, 150, 64
+    keys = make_keys(kind, hkv, n, d, dtype, gen)
+    values = torch.randn(hkv, n, d, generator=gen).to(dtype)
+    t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
+                              quant_coarse_bits=4, probe_recent=16)
+    extra_k = make_keys(kind, hkv, 20, d, dtype, gen)
+    extra_v = torch.randn(hkv, 20, d, generator=gen).to(dtype)
+    for index in (t_idx, g_idx):
+        index.append(extra_k, extra_v)   # crosses a flush; leaves keys in the buffer
+    assert g_idx.num_buffered == t_idx.num_buffered > 0
+    q = (torch.randn(hkv * group, d, generator=gen) * 2).to(dtype)
+    s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+    # a fixed tau in the middle gap between two distinct scores: kernels sum in another order
+    # than torch, so a tau equal to a score may round either way (both keep the contract)
+    gaps = []
+    for row in s:
+        u = torch.unique(row)
+        mid = len(u) // 2
+        gaps.append(float(u[mid - 1] + u[mid]) / 2)
+    for policy in (Relative(1e-2), Relative(1e-4), Dense(), Fixed(gaps)):
+        want = t_idx.attend(q, policy)
+        got = g_idx.attend(q.to(DEVICE), policy)
+        msg = f"seed {seed} policy {policy}"
+        torch.testing.assert_close(got.tau.cpu(), want.tau, msg=msg)
+        assert torch.equal(got.num_attended.cpu(), want.num_attended), msg
+        torch.testing.assert_close(got.output.cpu(), want.output, rtol=1e-4, atol=1e-5,
+                                   msg=msg)
+        torch.testing.assert_close(got.lse.cpu(), want.lse, rtol=1e-5, atol=1e-5, msg=msg)
+        # candidates: the kernels' two-stage bound selects the same group union up to keys
+        # whose bound is within rounding of tau; never fewer than the attended keys
+        assert bool((got.num_candidates.cpu() >= want.num_attended).all()), msg
+        assert (got.num_candidates.cpu() - want.num_candidates).abs().max() <= 2, msg
+        # the certificate bounds the true dropped mass of a dense softmax over every key
+        attend = s >= got.tau.cpu()[:, None]
+        attend[:, t_idx.num_indexed:] = True
+        p = torch.softmax(s.double() * t_idx.scale, dim=1)
+        true_dropped = (p * ~attend).sum(dim=1)
+        assert bool((got.dropped_mass_bound.cpu().double() + 1e-6 >= true_dropped).all()), msg
+        if isinstance(policy, Dense):
+            assert bool((got.dropped_mass_bound == 0).all()), msg
+
+
+def test_triton_backend_needs_quant() -> None:
+    with pytest.raises(ValueError):
+        IndexConfig(kind=IndexKind.BALLS, backend="triton")
+
+
+def test_triton_step_empty_index_and_buffer_only() -> None:
+    keys = torch.empty(1, 0, 64, dtype=torch.float16)
+    index = LouverIndex.build(keys.to(DEVICE), keys.to(DEVICE),
+                              IndexConfig(backend="triton", buffer_size=8))
+    out = index.attend(torch.randn(3, 64).to(DEVICE), Relative(1e-3))
+    assert out.num_attended.tolist() == [0, 0, 0]
+    assert bool(torch.isneginf(out.lse).all()) and not bool(out.output.isnan().any())
+    index.append(torch.randn(1, 5, 64).half().to(DEVICE), torch.randn(1, 5, 64).half().to(DEVICE))
+    out = index.attend(torch.randn(3, 64).to(DEVICE), Relative(1e-3))
+    assert out.num_attended.tolist() == [5, 5, 5]
+    assert math.isclose(float(out.dropped_mass_bound.max()), 0.0)
