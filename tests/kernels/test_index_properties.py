@@ -271,3 +271,22 @@ def test_bit_planes_roundtrip() -> None:
         assert torch.equal(ref.unpack_planes(planes, bits), codes.int())
         for top in range(1, bits + 1):
             assert torch.equal(ref.unpack_planes(planes, bits, top), codes.int() >> (bits - top))
+
+
+@pytest.mark.parametrize("kind", list(IndexKind))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 128])
+def test_head_dims_64_and_128(kind: IndexKind, dtype: torch.dtype, d: int) -> None:
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    keys = make_keys("outlier_channel", 2, 300, d, dtype, gen)
+    index = LouverIndex.build(keys, torch.randn(2, 300, d, generator=gen).to(dtype),
+                              IndexConfig(kind=kind, buffer_size=64))
+    index.append(make_keys("clustered", 2, 70, d, dtype, gen),
+                 torch.randn(2, 70, d, generator=gen).to(dtype))
+    q = torch.randn(8, d, generator=gen).to(dtype)
+    s = all_scores(index, q)
+    assert_superset(index, q, tau_on_a_key(s, gen))
+    res = index.attend(q, Relative(1e-3))
+    out, lse, dropped, _, _ = dense_reference(index, q, res.tau)
+    torch.testing.assert_close(res.output, out, rtol=1e-4, atol=1e-5)
+    assert bool((res.dropped_mass_bound.double() + 1e-6 >= dropped).all())
