@@ -58,6 +58,11 @@ class AttendOutput:
         num_attended: int64 [Hq], keys in the softmax (score >= tau, plus the buffer).
         dropped_mass_bound: float32 [Hq], an upper bound of the probability mass that the
             skipped keys would have had in a dense softmax over all keys.
+        q_error: Triton step only: int32 [Hkv] device flags, nonzero where a query head of the
+            KV head's group held NaN, Inf or an entry above MAX_QUERY_ABS (the other fields
+            are then meaningless); None on the reference path. Only meaningful when q was not
+            validated on the host (``attend(..., validate=False)``, ``CapturedStep``): check it
+            lazily with :meth:`raise_if_invalid`.
     """
 
     output: torch.Tensor
@@ -66,6 +71,13 @@ class AttendOutput:
     num_candidates: torch.Tensor
     num_attended: torch.Tensor
     dropped_mass_bound: torch.Tensor
+    q_error: torch.Tensor | None = None
+
+    def raise_if_invalid(self) -> None:
+        """Raise ValueError if the device-side query check failed (synchronizes)."""
+        if self.q_error is not None and bool(self.q_error.any()):
+            raise ValueError(f"q contains NaN, Inf or entries above {MAX_QUERY_ABS:g} in "
+                             "magnitude")
 
 
 class SearchResult:
@@ -120,6 +132,11 @@ class LouverIndex:
         # per-head bounds used by the slack (running maxima over indexed keys)
         self._kmax = torch.zeros(num_kv_heads, device=self.device)
         self._rmax = torch.zeros(num_kv_heads, device=self.device)  # radius / residual norm
+        # Triton step: per-flush slack coefficients (updated in place), lazily created device
+        # counters (num_indexed, num_keys) for captured steps, and the eager step's scratch
+        self._slack_coef = torch.zeros(num_kv_heads, dtype=torch.float64, device=self.device)
+        self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._step_scratch: object | None = None
         h = num_kv_heads
         if config.kind is IndexKind.BALLS:
             s = config.num_subspaces
@@ -256,6 +273,8 @@ class LouverIndex:
         self._keys[:, self.num_keys: self.num_keys + t] = k
         self._values[:, self.num_keys: self.num_keys + t] = v
         self.num_keys += t
+        if self._counters is not None:
+            self._counters[1].fill_(self.num_keys)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append decode-time keys at positions [num_keys, num_keys + T).
@@ -282,6 +301,24 @@ class LouverIndex:
             self._encode_quant(k, start, end)
         self.num_indexed = end
         self.num_flushes += 1
+        if self.uses_triton:
+            from louver_kernels.triton.decode import slack_coef
+
+            self._slack_coef.copy_(slack_coef(
+                self._kmax, self._rmax, self._lmax, self.head_dim,
+                self.head_dim // self.config.quant_group))
+        if self._counters is not None:
+            self._counters[0].fill_(self.num_indexed)
+
+    def device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_indexed, num_keys) as int32 [1] tensors on the index's device, kept up to date
+        by every append and flush (a fill on the current stream, no synchronization): what a
+        captured decode step (louver_kernels.triton.decode.CapturedStep) reads."""
+        if self._counters is None:
+            self._counters = (
+                torch.full((1,), self.num_indexed, dtype=torch.int32, device=self.device),
+                torch.full((1,), self.num_keys, dtype=torch.int32, device=self.device))
+        return self._counters
 
     def _encode_balls(self, k: torch.Tensor, start: int, end: int) -> None:
         hkv, t, d = k.shape
@@ -355,17 +392,23 @@ class LouverIndex:
     # ------------------------------------------------------------------ bounds and search
 
     def _validate_q(self, q: torch.Tensor) -> torch.Tensor:
+        q = self._check_q_shape(q)
+        # one synchronization: NaN fails the comparison, Inf exceeds the bound (float32 holds
+        # 2^48 exactly, float16 does not)
+        if not bool((q.float().abs() <= MAX_QUERY_ABS).all()):
+            if not bool(torch.isfinite(q).all()):
+                raise ValueError("q contains NaN or Inf")
+            raise ValueError(f"q has entries above {MAX_QUERY_ABS:g} in magnitude")
+        return q
+
+    def _check_q_shape(self, q: torch.Tensor) -> torch.Tensor:
+        """The host-only part of _validate_q (dtype, shape, device): no synchronization."""
         _check_float("q", q)
         if q.dim() != 2 or q.shape[1] != self.head_dim or q.shape[0] < 1 or (
                 q.shape[0] % self.num_kv_heads):
             raise ValueError(f"q must be [Hq, D={self.head_dim}] with Hq a multiple of "
                              f"Hkv={self.num_kv_heads}, got {tuple(q.shape)}")
-        q = q.to(self.device)
-        if not bool(torch.isfinite(q).all()):
-            raise ValueError("q contains NaN or Inf")
-        if float(q.abs().max()) > MAX_QUERY_ABS:
-            raise ValueError(f"q has entries above {MAX_QUERY_ABS:g} in magnitude")
-        return q
+        return q.to(self.device)
 
     def _validate_tau(self, tau: torch.Tensor | float | list[float], hq: int) -> torch.Tensor:
         t = torch.as_tensor(tau, dtype=torch.float32, device=self.device).reshape(-1)
@@ -476,17 +519,23 @@ class LouverIndex:
 
     # ------------------------------------------------------------------ attention
 
-    def attend(self, q: torch.Tensor, policy: Policy) -> AttendOutput:
+    def attend(self, q: torch.Tensor, policy: Policy, *, validate: bool = True) -> AttendOutput:
         """Sparse attention of one query token under a threshold policy.
 
         Args:
             q: [Hq, D] float tensor (Hq a multiple of Hkv).
             policy: Fixed, Relative, TopK, Mass or Dense.
+            validate: check q's values on the host (ValueError on NaN, Inf or entries above
+                MAX_QUERY_ABS; one synchronization). False skips that check (dtype and shape
+                are still checked): for callers that validated q already (the service checks
+                it when decoding a request). The Triton step then reports a bad q on the
+                device instead (AttendOutput.q_error, raise_if_invalid); the reference path
+                does not check it at all.
         Returns:
             AttendOutput (see its docstring). Keys attended: the buffer, and every indexed key
             with float32 score >= tau (all of them are candidates: zero false negatives).
         """
-        q = self._validate_q(q)
+        q = self._validate_q(q) if validate else self._check_q_shape(q)
         if self.uses_triton and isinstance(policy, (Fixed, Relative, Dense)):
             from louver_kernels.triton import decode
 

@@ -16,6 +16,9 @@ their exact scores are computed anyway, so the kernel accumulates them in a seco
 cand_count or positions outside [0, buffer_start)); -inf where there is none (always when
 tau_h = -inf; every valid candidate when tau_h = +inf). It is computed only when the caller
 passes a below_lse tensor (constexpr BELOW): otherwise the kernel is the same as without it.
+With pruned_lse / dropped / num_candidates (constexpr CERT) the last-arriving program of each
+KV head also writes the decode step's certificate (see ``sparse_attention``), which saves the
+decode step a launch.
 
 Work decomposition ("flash-decoding")
 -------------------------------------
@@ -129,6 +132,7 @@ def _sparse_attention_kernel(
     dense_end_ptr, buf_start_ptr, buf_end_ptr,
     ws_ptr, counter_ptr,
     out_ptr, lse_ptr, natt_ptr, below_ptr,
+    pruned_ptr, dropped_ptr, ncand_ptr,
     scale,
     dense_end, buf_start, buf_end,
     cap, max_c, num_splits,
@@ -137,7 +141,7 @@ def _sparse_attention_kernel(
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
-    BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr,
+    BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
 ):
     kh = tl.program_id(0)
     split = tl.program_id(1)
@@ -385,6 +389,22 @@ def _sparse_attention_kernel(
             below_v = tl.where(hb, mb_tot * scale + tl.log(tl.where(hb, lb_tot, 1.0)),
                                float("-inf"))
             tl.store(below_ptr + qh, below_v, mask=g_ok)
+            if CERT:
+                # the decode step's certificate, in float64 like LouverIndex._certify:
+                # skipped = logaddexp(pruned_lse, below_lse), dropped = sigmoid(skipped - lse),
+                # 0 where nothing is skipped
+                pr = tl.load(pruned_ptr + qh, mask=g_ok, other=float("-inf")).to(tl.float64)
+                bl = below_v.to(tl.float64)
+                mx = tl.maximum(pr, bl)
+                fin = mx != float("-inf")
+                mx_s = tl.where(fin, mx, 0.0)
+                sk = mx_s + tl.log(tl.where(fin, tl.exp(pr - mx_s) + tl.exp(bl - mx_s), 1.0))
+                e = tl.exp(lse_v.to(tl.float64) - tl.where(fin, sk, 0.0))
+                dr = tl.where(fin, 1.0 / (1.0 + e), 0.0)
+                tl.store(dropped_ptr + qh, dr.to(tl.float32), mask=g_ok)
+                # candidates whose exact score was computed: the group's + the buffer
+                nc = tl.zeros([G_P], tl.int64) + (n_cand + (b_end - b_start)).to(tl.int64)
+                tl.store(ncand_ptr + qh, nc, mask=g_ok)
         # leave the counter at zero for the next launch on this stream
         tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
 
@@ -467,6 +487,9 @@ def sparse_attention(
     lse: torch.Tensor | None = None,
     num_attended: torch.Tensor | None = None,
     below_lse: torch.Tensor | None = None,
+    pruned_lse: torch.Tensor | None = None,
+    dropped: torch.Tensor | None = None,
+    num_candidates: torch.Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholded attention over candidates plus the recent buffer, for one decode step.
@@ -502,6 +525,12 @@ def sparse_attention(
             [0, buffer_start) never count), -inf where there is none: the certificate's term
             for them. In dense mode the candidates are [0, dense_end). When None (default)
             the kernel skips this work.
+        pruned_lse, dropped, num_candidates: the decode step's certificate, fused into the
+            last-arriving program (sparse mode with below_lse only; all three or none).
+            pruned_lse: input float32 [Hq] (quant_filter's logsumexp over the non-candidates'
+            bounds); dropped: output float32 [Hq] = sigmoid(logaddexp(pruned_lse, below_lse)
+            - lse), computed in float64, 0 where both terms are -inf; num_candidates: output
+            int64 [Hq] = cand_count[h // G] + buffer size. All contiguous, on q's device.
         num_splits: override of the number of programs per KV head (default: enough programs
             for one wave on the device, at least four blocks each).
 
@@ -603,6 +632,15 @@ def sparse_attention(
     _check_out("lse", lse, (hq,), (torch.float32,), dev_id)
     _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
     _check_out("below_lse", below_lse, (hq,), (torch.float32,), dev_id)
+    cert = pruned_lse is not None or dropped is not None or num_candidates is not None
+    if cert:
+        if pruned_lse is None or dropped is None or num_candidates is None:
+            raise ValueError("pruned_lse, dropped and num_candidates go together")
+        if not sparse or below_lse is None:
+            raise ValueError("the certificate needs sparse mode and below_lse")
+        _check_out("pruned_lse", pruned_lse, (hq,), (torch.float32,), dev_id)
+        _check_out("dropped", dropped, (hq,), (torch.float32,), dev_id)
+        _check_out("num_candidates", num_candidates, (hq,), (torch.int64,), dev_id)
     if out is None:
         out = torch.empty(hq, dv, dtype=torch.float32, device=device)
     if lse is None:
@@ -646,6 +684,8 @@ def sparse_attention(
         be_t if be_t is not None else tau,
         workspace, counters,
         out, lse, num_attended, below_lse if below else tau,
+        pruned_lse if cert else tau, dropped if cert else tau,
+        num_candidates if cert else tau,
         float(scale),
         de, bs, be,
         cap, max_c, num_splits,
@@ -654,7 +694,7 @@ def sparse_attention(
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
         G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
-        BUF_END_ON_DEVICE=be_t is not None, BELOW=below,
+        BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert,
         num_warps=num_warps, num_stages=1,
     )
     return out, lse, num_attended

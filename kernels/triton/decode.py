@@ -7,18 +7,28 @@ exactly what ``LouverIndex.attend`` computes on the reference backend for the po
 supports (Fixed, Relative, Dense): the same tau, the same attended set {s >= tau} U buffer, the
 same per-group candidate counts, and a certificate from the same terms.
 
-Launches: a few tiny torch ops for the slack and tau, one filter launch, one attention launch,
-a few tiny ops for the certificate. Every size the launches see is a function of the index's
-capacity and of device-side counters, so the step can be captured in a CUDA graph (see
-``CapturedStep``).
+Launches (eager, ``attend``): three, and no host synchronization on the step itself:
+
+1. ``_prologue_kernel`` (one program per KV head): ||q_h|| and the slack (a per-head constant
+   precomputed once per flush, see ``slack_coef``), the on-device check of q (finite, within
+   MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and tau for the policy.
+2. ``quant_filter``: candidates, cand_count, pruned_lse.
+3. ``sparse_attention`` with below_lse and the fused certificate: out, lse, num_attended,
+   dropped_mass_bound and num_candidates (written by each KV head's last-arriving program).
+
+A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
+``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
+counters) in a CUDA graph; a replay is one copy of q into the graph's input plus the replay.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, no_type_check
 
 import torch
+import triton
+import triton.language as tl
 
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
@@ -30,12 +40,43 @@ if TYPE_CHECKING:
 
 SUPPORTED = (Fixed, Relative, Dense)
 
+# Relative inflation of the precomputed slack coefficient (see slack_coef).
+_COEF_INFLATE = 1.0 + 2.0 ** -30
+
+
+def slack_coef(kmax: torch.Tensor, emax: torch.Tensor, lmax: torch.Tensor, head_dim: int,
+               groups: int) -> torch.Tensor:
+    """float64 [Hkv] C_kh such that fl32(fl64(||q_h|| C_kh)) >= reference.quant_slack(q)[h].
+
+    reference.quant_slack computes, in float64 from float32 inputs,
+
+        S_ref = RN32(2 (gamma_D qn km + gamma_m qn (2 km + 3 em + 3 lm)))
+
+    with qn the float64 norm of q. Its float64 value before the final rounding is within a
+    relative (D + 16) 2^-53 of the exact real 2 ||q|| (gamma_D km + gamma_m (2 km + 3 em +
+    3 lm)) = ||q|| C* (a float64 norm of D terms and a dozen float64 operations, each adding
+    at most one relative 2^-53 rounding). This function computes C* in float64 (relative error
+    <= 16 2^-53 from the same dozen operations) and multiplies it by 1 + 2^-30; the prologue
+    kernel computes ||q|| in float64 (relative error <= (D + 2) 2^-53) and the float64 product
+    (one more 2^-53). For D <= 2^12 every one of these errors is below 2^-40 relative, so the
+    kernel's float64 value is >= ||q|| C* (1 + 2^-30 - 2^-39) > S_ref's float64 value, and
+    round-to-nearest to float32 is monotone: the kernel's slack is >= S_ref, i.e. the slack the
+    bounds are proven with (reference.py's module docstring) is matched or exceeded. It exceeds
+    S_ref by at most one float32 ulp (when the 2^-30 inflation crosses a rounding boundary):
+    the slack is ~1e-6 of a score, so this changes no attended key and, in practice, no
+    candidate.
+    """
+    km, em, lm = kmax.double(), emax.double(), lmax.double()
+    m = 3 * head_dim + 2 * groups + 8
+    coef = 2.0 * (ref.gamma(head_dim) * km + ref.gamma(m) * (2 * km + 3 * em + 3 * lm))
+    return coef * _COEF_INFLATE
+
 
 def probe_max(q: torch.Tensor, keys: torch.Tensor, num_indexed: int, total: int, sinks: int,
               recent: int) -> torch.Tensor:
     """m_lo float32 [Hq]: the largest exact score over the first ``sinks`` keys, the buffer
     [num_indexed, total) and the last ``recent`` keys (the reference's construction); -inf if
-    total == 0."""
+    total == 0. Plain torch: the ground truth of the prologue kernel's probe."""
     hq = q.shape[0]
     if total == 0:
         return torch.full((hq,), -math.inf, device=q.device)
@@ -47,47 +88,336 @@ def probe_max(q: torch.Tensor, keys: torch.Tensor, num_indexed: int, total: int,
     return torch.cat(parts, dim=1).amax(dim=1)
 
 
+# ----------------------------------------------------------------------------------------------
+# Prologue kernel: slack, q check, probe scores and tau
+# ----------------------------------------------------------------------------------------------
+
+MODE_DENSE, MODE_FIXED, MODE_RELATIVE = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["n_value", "total_value"])
+@no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
+def _prologue_kernel(
+    q_ptr, k_ptr, coef_ptr, tau_in_ptr, n_ptr, total_ptr,
+    tau_ptr, slack_ptr, bad_ptr,
+    n_value, total_value, cap, tau_off, max_abs,
+    stride_qh, stride_kh, stride_kn,
+    G: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
+    BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
+):
+    """Program kh: for the G query heads h of KV head kh,
+
+    slack[h] = fl32(||q_h||_float64 * coef[kh])   (slack_coef's bound)
+    bad[kh]  = 1 if any entry of these heads is NaN, +-Inf or above max_abs in magnitude
+    tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
+               largest float32 score over positions [0, min(SINKS, total)) and
+               [max(head, min(total - RECENT, n)), total) (probe_max's construction).
+    """
+    kh = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    coef = tl.load(coef_ptr + kh)
+    bad = tl.zeros([D], tl.int32)
+    qs = ()
+    for g in tl.static_range(G):
+        h = kh * G + g
+        qv = tl.load(q_ptr + h * stride_qh + offs_d).to(tl.float32)
+        q64 = qv.to(tl.float64)
+        qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
+        tl.store(slack_ptr + h, (qn * coef).to(tl.float32))
+        # NaN fails the comparison, so it counts as bad too
+        bad = tl.maximum(bad, tl.where(tl.abs(qv) <= max_abs, 0, 1))
+        qs = qs + (qv,)
+    tl.store(bad_ptr + kh, tl.max(bad, axis=0))
+    if MODE == 0:
+        for g in tl.static_range(G):
+            tl.store(tau_ptr + kh * G + g, float("-inf"))
+    elif MODE == 1:
+        for g in tl.static_range(G):
+            tl.store(tau_ptr + kh * G + g, tl.load(tau_in_ptr + kh * G + g))
+    else:
+        if ON_DEVICE:
+            n = tl.load(n_ptr).to(tl.int32)
+            total = tl.load(total_ptr).to(tl.int32)
+        else:
+            n = n_value
+            total = total_value
+        total = tl.minimum(tl.maximum(total, 0), cap)
+        n = tl.minimum(tl.maximum(n, 0), total)
+        head = tl.minimum(total, SINKS)
+        tail = tl.maximum(head, tl.minimum(total - RECENT, n))
+        length = head + (total - tail)
+        offs_b = tl.arange(0, BLOCK)
+        k_base = k_ptr + kh.to(tl.int64) * stride_kh
+        ms = ()
+        for _g in tl.static_range(G):
+            ms = ms + (tl.full([BLOCK], float("-inf"), tl.float32),)
+        start = 0
+        while start < length:
+            idx = start + offs_b
+            ok = idx < length
+            pos = tl.where(idx < head, idx, tail + (idx - head)).to(tl.int64)
+            kt = tl.load(k_base + pos[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
+                         other=0.0).to(tl.float32)
+            new_ms = ()
+            for g in tl.static_range(G):
+                s = tl.sum(kt * qs[g][None, :], axis=1)
+                new_ms = new_ms + (tl.maximum(ms[g], tl.where(ok, s, float("-inf"))),)
+            ms = new_ms
+            start += BLOCK
+        for g in tl.static_range(G):
+            tl.store(tau_ptr + kh * G + g, tl.max(ms[g], axis=0) - tau_off)
+
+
+def _policy_mode(policy: Policy) -> int:
+    if isinstance(policy, Dense):
+        return MODE_DENSE
+    if isinstance(policy, Fixed):
+        return MODE_FIXED
+    if isinstance(policy, Relative):
+        return MODE_RELATIVE
+    raise ValueError(f"policy {policy!r} has no GPU step; use the reference path")
+
+
+def _tau_offset(index: LouverIndex, policy: Policy) -> float:
+    """log(1/eps) / scale as the float32 value torch's ``m_lo - offset`` subtracts."""
+    if not isinstance(policy, Relative):
+        return 0.0
+    off = math.log(1.0 / policy.eps) / index.scale
+    return float(torch.tensor(off, dtype=torch.float32))
+
+
+def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
+              tau_in: torch.Tensor | None, tau: torch.Tensor, slack: torch.Tensor,
+              bad: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Launch the prologue (sizes from the index; no validation beyond the caller's)."""
+    cfg = index.config
+    hkv, d = index.num_kv_heads, index.head_dim
+    keys = index._keys
+    dummy = tau
+    _prologue_kernel[(hkv,)](
+        q, keys, index._slack_coef, tau_in if tau_in is not None else dummy,
+        counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
+        tau, slack, bad,
+        index.num_indexed, index.num_keys, keys.shape[1], tau_off,
+        float(_max_query_abs()),
+        q.stride(0), keys.stride(0), keys.stride(1),
+        G=q.shape[0] // hkv, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
+        BLOCK=32, MODE=mode, ON_DEVICE=counts is not None,
+        num_warps=2, num_stages=1,
+    )
+
+
+def _max_query_abs() -> float:
+    from louver_kernels.index import MAX_QUERY_ABS
+
+    return MAX_QUERY_ABS
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """Per-index intermediates of the eager step (reused from step to step on one stream):
+    slack, q flags, candidate lists and the certificate's terms. Sized by (Hq, capacity)."""
+
+    def __init__(self, index: LouverIndex, hq: int) -> None:
+        dev, hkv = index.device, index.num_kv_heads
+        self.key = (hq, index._cap)
+        self.slack = torch.empty(hq, device=dev)
+        self.cand_pos = torch.empty(hkv, max(index._cap, 1), dtype=torch.int32, device=dev)
+        self.cand_count = torch.empty(hkv, dtype=torch.int32, device=dev)
+        self.pruned_lse = torch.empty(hq, device=dev)
+        self.below_lse = torch.empty(hq, device=dev)
+
+
+def _scratch(index: LouverIndex, hq: int) -> _Scratch:
+    s = index._step_scratch
+    if s is None or s.key != (hq, index._cap):
+        s = _Scratch(index, hq)
+        index._step_scratch = s
+    return s
+
+
+def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
+         tau_in: torch.Tensor | None, sc: _Scratch, tau: torch.Tensor, bad: torch.Tensor,
+         out: torch.Tensor, lse: torch.Tensor, num_att: torch.Tensor, dropped: torch.Tensor,
+         num_cand: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """The three launches of one step. counts None: host ints (grids sized to the indexed
+    keys); counts (num_indexed, num_keys) device tensors: grids sized by the capacity, every
+    bound read on the device (what CapturedStep records)."""
+    cfg = index.config
+    _prologue(index, q, mode, tau_off, tau_in, tau, sc.slack, bad, counts)
+    if counts is None:
+        n, total = index.num_indexed, index.num_keys
+        nseg = max(-(-n // cfg.buffer_size), 1)
+        lo, step = index._lo[:, :nseg], index._step[:, :nseg]
+        n_arg, bs, be = n, n, total
+    else:
+        lo, step = index._lo, index._step
+        n_arg, bs, be = counts[0], counts[0], counts[1]
+    quant_filter(
+        q, index._codes, index._err, lo, step, sc.slack, tau, num_indexed=n_arg,
+        bits=cfg.quant_bits, coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group,
+        scale=index.scale, segment_size=cfg.buffer_size, cand_pos=sc.cand_pos,
+        cand_count=sc.cand_count, pruned_lse=sc.pruned_lse)
+    sparse_attention(
+        q, index._keys, index._values, tau, scale=index.scale, cand_pos=sc.cand_pos,
+        cand_count=sc.cand_count, buffer_start=bs, buffer_end=be, out=out, lse=lse,
+        num_attended=num_att, below_lse=sc.below_lse, pruned_lse=sc.pruned_lse,
+        dropped=dropped, num_candidates=num_cand)
+
+
 def attend(index: LouverIndex, q: torch.Tensor, policy: Policy) -> AttendOutput:
     """``index.attend(q, policy)`` through the Triton kernels (QUANT index, planar layout).
 
     Args:
         index: a QUANT LouverIndex whose codes are stored as bit planes.
-        q: [Hq, D] validated query on the index's device.
+        q: [Hq, D] query on the index's device (shape-checked; its values are checked on the
+            device: AttendOutput.q_error).
         policy: Fixed, Relative or Dense.
+    Returns:
+        AttendOutput with fresh output tensors; q_error int32 [Hkv] is nonzero for the KV
+        heads whose query heads hold NaN, Inf or entries above MAX_QUERY_ABS (the other
+        outputs are then meaningless).
     """
     from louver_kernels.index import AttendOutput
 
-    cfg = index.config
+    mode = _policy_mode(policy)
     hq = q.shape[0]
-    hkv = index.num_kv_heads
-    g = hq // hkv
-    n, total = index.num_indexed, index.num_keys
-    keys, values = index.keys_range(0, index.num_keys)
-    if isinstance(policy, Dense):
-        tau = torch.full((hq,), -math.inf, device=q.device)
-    elif isinstance(policy, Fixed):
-        tau = policy.taus(hq).to(q.device)
-    elif isinstance(policy, Relative):
-        m_lo = probe_max(q, keys, n, total, cfg.sink_tokens, cfg.probe_recent)
-        tau = m_lo - math.log(1.0 / policy.eps) / index.scale
-    else:
-        raise ValueError(f"policy {policy!r} has no GPU step; use the reference path")
-    groups = index.head_dim // cfg.quant_group
-    slack = ref.quant_slack(q, index._kmax, index._rmax, index._lmax, groups)
-    nseg = -(-n // cfg.buffer_size) if n else 0
-    cand_pos, cand_count, pruned_lse = quant_filter(
-        q, index._codes, index._err, index._lo[:, : max(nseg, 1)],
-        index._step[:, : max(nseg, 1)], slack, tau, num_indexed=n, bits=cfg.quant_bits,
-        coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group, scale=index.scale,
-        segment_size=cfg.buffer_size)
-    below_lse = torch.empty(hq, device=q.device)
-    out, lse, num_att = sparse_attention(
-        q, index._keys, index._values, tau, scale=index.scale, cand_pos=cand_pos,
-        cand_count=cand_count, buffer_start=n, buffer_end=total, below_lse=below_lse)
-    skipped = torch.logaddexp(pruned_lse.double(), below_lse.double())
-    dropped = torch.sigmoid(skipped - lse.double())
-    dropped = torch.where(torch.isneginf(skipped), torch.zeros_like(dropped), dropped)
-    b = total - n
-    num_cand = cand_count.long().repeat_interleave(g) + b
-    return AttendOutput(output=out, lse=lse, tau=tau.float(), num_candidates=num_cand,
-                        num_attended=num_att.long(), dropped_mass_bound=dropped.float())
+    dev = index.device
+    tau_in = policy.taus(hq).to(dev) if isinstance(policy, Fixed) else None
+    sc = _scratch(index, hq)
+    tau = torch.empty(hq, device=dev)
+    bad = torch.empty(index.num_kv_heads, dtype=torch.int32, device=dev)
+    out = torch.empty(hq, index.value_dim, device=dev)
+    lse = torch.empty(hq, device=dev)
+    num_att = torch.empty(hq, dtype=torch.int64, device=dev)
+    dropped = torch.empty(hq, device=dev)
+    num_cand = torch.empty(hq, dtype=torch.int64, device=dev)
+    _run(index, q, mode, _tau_offset(index, policy), tau_in, sc, tau, bad, out, lse, num_att,
+         dropped, num_cand, None)
+    return AttendOutput(output=out, lse=lse, tau=tau, num_candidates=num_cand,
+                        num_attended=num_att, dropped_mass_bound=dropped, q_error=bad)
+
+
+class CapturedStep:
+    """The decode step of one index under one policy, recorded once in a CUDA graph.
+
+    ``step(q)`` copies q into the graph's static input and replays the three launches of
+    ``attend`` (prologue, filter, attention with the fused certificate), which read
+    num_indexed and num_keys from the index's device counters (``LouverIndex.device_counters``,
+    updated by every append and flush without synchronization). A step therefore costs one copy
+    kernel and one graph launch on the host, whatever the number of keys.
+
+    Re-capture: the graph holds the addresses of the index's storage and of this object's
+    buffers. Appends and flushes write the storage in place (and the per-flush slack
+    coefficients in place), so they need no re-capture; a capacity growth (``_grow``,
+    amortized doubling: when num_keys passes a power of two >= 256) reallocates the storage,
+    and the next call re-captures automatically (``stale`` tells beforehand; growth happens
+    about log2(N / 256) times over a sequence). Changing the policy needs another CapturedStep.
+
+    Contracts: the outputs returned by a call are views of this object's static buffers and
+    are overwritten by the next call; q must have the shape and dtype given at construction;
+    one replay at a time per object (its kernels share per-stream arrival counters that were
+    allocated for its capture stream). q's values are not checked on the host: ``q_error`` of
+    the output (int32 [Hkv], nonzero where a query head holds NaN, Inf or an entry above
+    MAX_QUERY_ABS) can be checked lazily (``AttendOutput.raise_if_invalid``).
+
+    Args:
+        index: a LouverIndex with ``uses_triton``.
+        policy: Fixed, Relative or Dense.
+        num_q_heads: Hq (a multiple of Hkv); q_dtype: the dtype of the queries (default: the
+            index's storage dtype).
+        graph: record a CUDA graph (default: when the index is on a CUDA device). False runs
+            the same launches eagerly at every call (the body of the graph; used on the CPU
+            under Triton's interpreter and for debugging).
+    """
+
+    def __init__(self, index: LouverIndex, policy: Policy, num_q_heads: int,
+                 q_dtype: torch.dtype | None = None, graph: bool | None = None) -> None:
+        if not index.uses_triton:
+            raise ValueError("CapturedStep needs an index with backend='triton' (QUANT)")
+        if num_q_heads < 1 or num_q_heads % index.num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of "
+                             f"Hkv={index.num_kv_heads}")
+        self.index = index
+        self.policy = policy
+        self.mode = _policy_mode(policy)
+        self.tau_off = _tau_offset(index, policy)
+        self.hq = num_q_heads
+        self.q_dtype = q_dtype or index.dtype
+        use_graph = index.device.type == "cuda" if graph is None else graph
+        if use_graph and index.device.type != "cuda":
+            raise ValueError("a CUDA graph needs an index on a CUDA device")
+        self.use_graph = use_graph
+        self.counts = index.device_counters()
+        dev, hq = index.device, num_q_heads
+        self.q = torch.zeros(hq, index.head_dim, dtype=self.q_dtype, device=dev)
+        self.tau_in = policy.taus(hq).to(dev) if isinstance(policy, Fixed) else None
+        self.tau = torch.empty(hq, device=dev)
+        self.bad = torch.zeros(index.num_kv_heads, dtype=torch.int32, device=dev)
+        self.out = torch.empty(hq, index.value_dim, device=dev)
+        self.lse = torch.empty(hq, device=dev)
+        self.num_att = torch.empty(hq, dtype=torch.int64, device=dev)
+        self.dropped = torch.empty(hq, device=dev)
+        self.num_cand = torch.empty(hq, dtype=torch.int64, device=dev)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self._cap = -1
+        self._sc: _Scratch | None = None
+        self._capture()
+
+    @property
+    def stale(self) -> bool:
+        """Whether the index's storage was reallocated since the capture (the next call
+        re-captures)."""
+        return self._cap != self.index._cap
+
+    def _body(self) -> None:
+        assert self._sc is not None
+        _run(self.index, self.q, self.mode, self.tau_off, self.tau_in, self._sc, self.tau,
+             self.bad, self.out, self.lse, self.num_att, self.dropped, self.num_cand,
+             self.counts)
+
+    def _capture(self) -> None:
+        index = self.index
+        self._cap = index._cap
+        self._sc = _Scratch(index, self.hq)   # own buffers: the graph keeps their addresses
+        self.graph = None
+        if not self.use_graph:
+            return
+        dev = index.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            # compile the kernels and create the launchers' per-stream counters outside the
+            # graph (they must outlive it and start at zero)
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            self._body()
+        self.graph = graph
+
+    def __call__(self, q: torch.Tensor) -> AttendOutput:
+        """One decode step: q [Hq, D] of the construction's dtype, on the index's device."""
+        from louver_kernels.index import AttendOutput
+
+        if tuple(q.shape) != tuple(self.q.shape) or q.dtype != self.q.dtype:
+            raise ValueError(f"q must be {self.q.dtype} {list(self.q.shape)}, got {q.dtype} "
+                             f"{list(q.shape)}")
+        if self.stale:
+            self._capture()
+        self.q.copy_(q)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._body()
+        return AttendOutput(output=self.out, lse=self.lse, tau=self.tau,
+                            num_candidates=self.num_cand, num_attended=self.num_att,
+                            dropped_mass_bound=self.dropped, q_error=self.bad)
+
+
+__all__ = ["SUPPORTED", "CapturedStep", "attend", "probe_max", "slack_coef"]

@@ -25,6 +25,8 @@ if not CUDA:
 
 from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative  # noqa: E402
 from louver_kernels import reference as ref  # noqa: E402
+from louver_kernels.index import MAX_QUERY_ABS, AttendOutput  # noqa: E402
+from louver_kernels.triton import decode  # noqa: E402
 from tests.kernels.keygen import make_keys  # noqa: E402
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -40,8 +42,10 @@ def build_pair(keys: torch.Tensor, values: torch.Tensor, **cfg: object
     return torch_index, triton_index
 
 
-@pytest.mark.parametrize("kind", ["clustered", "outlier_channel", "duplicates"])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+# (kind, dtype) pairs rather than their product keep the interpreter's runtime in check
+@pytest.mark.parametrize(("kind", "dtype"), [("clustered", torch.float16),
+                                             ("outlier_channel", torch.bfloat16),
+                                             ("duplicates", torch.float16)])
 @pytest.mark.parametrize("group", [1, 3])
 def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group: int) -> None:
     seed = int(torch.randint(0, 2**31, ()).item())
@@ -68,24 +72,30 @@ def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group:
     for policy in (Relative(1e-2), Relative(1e-4), Dense(), Fixed(gaps)):
         want = t_idx.attend(q, policy)
         got = g_idx.attend(q.to(DEVICE), policy)
-        msg = f"seed {seed} policy {policy}"
-        torch.testing.assert_close(got.tau.cpu(), want.tau, msg=msg)
-        assert torch.equal(got.num_attended.cpu(), want.num_attended), msg
-        torch.testing.assert_close(got.output.cpu(), want.output, rtol=1e-4, atol=1e-5,
-                                   msg=msg)
-        torch.testing.assert_close(got.lse.cpu(), want.lse, rtol=1e-5, atol=1e-5, msg=msg)
-        # candidates: the kernels' two-stage bound selects the same group union up to keys
-        # whose bound is within rounding of tau; never fewer than the attended keys
-        assert bool((got.num_candidates.cpu() >= want.num_attended).all()), msg
-        assert (got.num_candidates.cpu() - want.num_candidates).abs().max() <= 2, msg
-        # the certificate bounds the true dropped mass of a dense softmax over every key
-        attend = s >= got.tau.cpu()[:, None]
-        attend[:, t_idx.num_indexed:] = True
-        p = torch.softmax(s.double() * t_idx.scale, dim=1)
-        true_dropped = (p * ~attend).sum(dim=1)
-        assert bool((got.dropped_mass_bound.cpu().double() + 1e-6 >= true_dropped).all()), msg
-        if isinstance(policy, Dense):
-            assert bool((got.dropped_mass_bound == 0).all()), msg
+        check_step(t_idx, s, want, got, policy, f"seed {seed} policy {policy}")
+
+
+def check_step(t_idx: LouverIndex, s: torch.Tensor, want: AttendOutput, got: AttendOutput,
+               policy: object, msg: str) -> None:
+    """The Triton step's output ``got`` against the torch backend's ``want`` (s: the exact
+    scores of every stored key)."""
+    torch.testing.assert_close(got.tau.cpu(), want.tau, msg=msg)
+    assert torch.equal(got.num_attended.cpu(), want.num_attended), msg
+    torch.testing.assert_close(got.output.cpu(), want.output, rtol=1e-4, atol=1e-5,
+                               msg=msg)
+    torch.testing.assert_close(got.lse.cpu(), want.lse, rtol=1e-5, atol=1e-5, msg=msg)
+    # candidates: the kernels' two-stage bound selects the same group union up to keys
+    # whose bound is within rounding of tau; never fewer than the attended keys
+    assert bool((got.num_candidates.cpu() >= want.num_attended).all()), msg
+    assert (got.num_candidates.cpu() - want.num_candidates).abs().max() <= 2, msg
+    # the certificate bounds the true dropped mass of a dense softmax over every key
+    attend = s >= got.tau.cpu()[:, None]
+    attend[:, t_idx.num_indexed:] = True
+    p = torch.softmax(s.double() * t_idx.scale, dim=1)
+    true_dropped = (p * ~attend).sum(dim=1)
+    assert bool((got.dropped_mass_bound.cpu().double() + 1e-6 >= true_dropped).all()), msg
+    if isinstance(policy, Dense):
+        assert bool((got.dropped_mass_bound == 0).all()), msg
 
 
 def test_triton_backend_needs_quant() -> None:
@@ -104,3 +114,72 @@ def test_triton_step_empty_index_and_buffer_only() -> None:
     out = index.attend(torch.randn(3, 64).to(DEVICE), Relative(1e-3))
     assert out.num_attended.tolist() == [5, 5, 5]
     assert math.isclose(float(out.dropped_mass_bound.max()), 0.0)
+
+
+def test_slack_coef_matches_or_exceeds_reference_slack() -> None:
+    gen = torch.Generator().manual_seed(7)
+    hkv, g, d, groups = 3, 3, 64, 16
+    kmax, emax, lmax = (torch.rand(hkv, generator=gen) * 30 for _ in range(3))
+    coef = decode.slack_coef(kmax, emax, lmax, d, groups)
+    for scale in (1e-3, 1.0, 1e4):
+        q = (torch.randn(hkv * g, d, generator=gen) * scale).half().float()
+        want = ref.quant_slack(q, kmax, emax, lmax, groups)
+        qn = q.double().norm(dim=-1)
+        got = (qn * ref.expand_heads(coef, hkv * g)).float()
+        assert bool((got >= want).all())
+        # exceeds it by at most one float32 ulp
+        assert bool((got <= torch.nextafter(want, torch.full_like(want, math.inf))).all())
+
+
+def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
+    """CapturedStep's launches (device counters, capacity-sized grids) over a sequence of
+    decode steps: appends, flushes and one capacity growth (re-capture). Without CUDA the body
+    runs eagerly under the interpreter (graph=False): the CUDA graph itself is GPU-only."""
+    gen = torch.Generator().manual_seed(11)
+    hkv, g, d, dtype = 1, 3, 64, torch.float16
+    keys = make_keys("clustered", hkv, 230, d, dtype, gen)
+    values = torch.randn(hkv, 230, d, generator=gen).to(dtype)
+    t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
+                              quant_coarse_bits=4, probe_recent=16)
+    steps = {p: decode.CapturedStep(g_idx, p, hkv * g, graph=CUDA)
+             for p in (Relative(1e-3), Dense())}
+    for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256 + flush), 262
+        k = make_keys("clustered", hkv, extra, d, dtype, gen)
+        v = torch.randn(hkv, extra, d, generator=gen).to(dtype)
+        for index in (t_idx, g_idx):
+            index.append(k, v)
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        for policy, step in steps.items():
+            assert step.stale == (t == 1)
+            got = step(q.to(DEVICE))
+            assert not step.stale
+            want = t_idx.attend(q, policy)
+            check_step(t_idx, s, want, got, policy, f"step {t} policy {policy}")
+            got.raise_if_invalid()
+            # the eager step agrees with the captured body
+            eager = g_idx.attend(q.to(DEVICE), policy, validate=False)
+            assert torch.equal(eager.num_attended, got.num_attended)
+            torch.testing.assert_close(eager.output, got.output)
+    with pytest.raises(ValueError):
+        steps[Dense()](torch.zeros(hkv * g, d, dtype=torch.float32, device=DEVICE))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes on NaN
+def test_q_validation_host_and_device() -> None:
+    gen = torch.Generator().manual_seed(3)
+    keys = make_keys("clustered", 1, 40, 64, torch.float16, gen).to(DEVICE)
+    index = LouverIndex.build(keys, keys, IndexConfig(backend="triton", buffer_size=16))
+    good = torch.randn(2, 64, generator=gen).to(DEVICE)
+    for bad_value in (math.nan, math.inf, 2.0 * MAX_QUERY_ABS):
+        bad = good.clone()
+        bad[1, 5] = bad_value
+        with pytest.raises(ValueError):          # default: checked on the host
+            index.attend(bad, Relative(1e-3))
+        out = index.attend(bad, Relative(1e-3), validate=False)   # flagged on the device
+        assert out.q_error is not None and out.q_error.tolist() == [1]
+        with pytest.raises(ValueError):
+            out.raise_if_invalid()
+    out = index.attend(good, Relative(1e-3), validate=False)
+    assert out.q_error is not None and out.q_error.tolist() == [0]
+    out.raise_if_invalid()
