@@ -1,10 +1,11 @@
 """Louver's decode step on a GPU against torch SDPA (dense, GQA), on real SmolLM2 keys.
 
 Per context N: build the QUANT index on the GPU (Triton backend), then for several decode
-queries time one layer-step (threshold + candidate filter + sparse attention + certificate,
-eager launches, median after warm-up, CUDA events via triton.testing.do_bench) against SDPA
-over all N keys in the same run. Also: the candidate fraction, a zero-false-negative check of
-every measured query (every key whose fp32 score reaches tau is attended), build throughput,
+queries time one layer-step (threshold + candidate filter + sparse attention + certificate)
+three ways: eager with validation of q, eager without (the service validates q when decoding
+the request), and replayed from a CUDA graph (CapturedStep); median after warm-up, CUDA events
+via triton.testing.do_bench; against SDPA over all N keys in the same run. Also: the candidate
+fraction, a zero-false-negative check of every measured query (every key whose fp32 score reaches tau is attended), build throughput,
 the cost of a flush, and the dense path's bandwidth against a device-to-device copy.
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from louver_kernels import Dense, IndexConfig, LouverIndex, Relative
 from louver_kernels import reference as ref
+from louver_kernels.triton.decode import CapturedStep
 
 
 def _sync(dev: torch.device) -> None:
@@ -63,6 +65,10 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     d = qs.shape[2]
     sdpa_ms: list[float] = []
     louver: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
+    fast: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
+    graph: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
+    steps = {f"{e:g}": CapturedStep(index, Relative(e), qs.shape[0], q_dtype=qs.dtype,
+                                    graph=dev.type == "cuda") for e in eps_list}
     fracs: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
     false_neg = 0
     for j in range(qs.shape[1]):
@@ -84,12 +90,23 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
             louver[f"{eps:g}"].append(triton.testing.do_bench(
                 lambda q=q, policy=policy: index.attend(q, policy), warmup=10, rep=40,
                 return_mode="median"))
+            fast[f"{eps:g}"].append(triton.testing.do_bench(
+                lambda q=q, policy=policy: index.attend(q, policy, validate=False), warmup=10,
+                rep=40, return_mode="median"))
+            step = steps[f"{eps:g}"]
+            replay = step(q)
+            false_neg += int((need.sum(dim=1) - replay.num_attended).clamp_min(0).sum())
+            graph[f"{eps:g}"].append(triton.testing.do_bench(
+                lambda q=q, step=step: step(q), warmup=10, rep=40, return_mode="median"))
     row["sdpa_us"] = statistics.median(sdpa_ms) * 1e3
     for key in louver:
         t = statistics.median(louver[key]) * 1e3
         row[f"louver_eps{key}_us"] = t
         row[f"ratio_eps{key}"] = t / row["sdpa_us"]
         row[f"cand_frac_eps{key}"] = statistics.mean(fracs[key])
+        row[f"louver_noval_eps{key}_us"] = statistics.median(fast[key]) * 1e3
+        row[f"louver_graph_eps{key}_us"] = statistics.median(graph[key]) * 1e3
+        row[f"ratio_graph_eps{key}"] = row[f"louver_graph_eps{key}_us"] / row["sdpa_us"]
     row["false_negatives"] = false_neg
     q = qs[:, 0].to(dev)
     dense_ms = triton.testing.do_bench(lambda: index.attend(q, Dense()), warmup=10, rep=40,
@@ -125,14 +142,17 @@ def main() -> None:
     config = IndexConfig(backend="triton")
     eps_list = [float(e) for e in args.eps.split(",")]
     rows = []
-    print(f"{'N':>7} {'sdpa us':>8} " + " ".join(f"{'eps' + str(e):>10} {'x':>5} {'cand':>6}"
-                                                   for e in eps_list) + f" {'FN':>3} "
+    print(f"{'N':>7} {'sdpa us':>8} " + " ".join(f"{'eps' + str(e):>10} {'graph':>7} {'x':>5} "
+                                                   f"{'cand':>6}" for e in eps_list)
+          + f" {'FN':>3} "
           f"{'dense us':>8} {'build Mk/s':>10} {'flush us':>8}")
     for n_ctx in [int(x) for x in args.contexts.split(",")]:
         row = run_context(cap["k"], cap["v"], qs, n_ctx, eps_list, config,
                           torch.device("cuda"))
         rows.append(row)
-        cols = " ".join(f"{row[f'louver_eps{e:g}_us']:10.1f} {row[f'ratio_eps{e:g}']:5.2f} "
+        cols = " ".join(f"{row[f'louver_eps{e:g}_us']:10.1f} "
+                        f"{row[f'louver_graph_eps{e:g}_us']:7.1f} "
+                        f"{row[f'ratio_graph_eps{e:g}']:5.2f} "
                         f"{row[f'cand_frac_eps{e:g}']:6.3f}" for e in eps_list)
         print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
               f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
