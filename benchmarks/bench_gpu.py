@@ -5,8 +5,9 @@ queries time one layer-step (threshold + candidate filter + sparse attention + c
 three ways: eager with validation of q, eager without (the service validates q when decoding
 the request), and replayed from a CUDA graph (CapturedStep); median after warm-up, CUDA events
 via triton.testing.do_bench; against SDPA over all N keys in the same run. Also: the candidate
-fraction, a zero-false-negative check of every measured query (every key whose fp32 score reaches tau is attended), build throughput,
-the cost of a flush, and the dense path's bandwidth against a device-to-device copy.
+fraction, a zero-false-negative check of every measured query (every key whose fp32 score
+reaches tau is attended), build throughput, the cost of a flush, and the dense path's bandwidth
+against a device-to-device copy.
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
 
