@@ -219,6 +219,9 @@ class LouverIndex:
         if needed <= self._cap:
             return
         cap = self._capacity_for(needed)
+        if self.config.kind is IndexKind.QUANT:  # whole segments: a partial last one fits
+            seg = self.config.buffer_size
+            cap = -(-cap // seg) * seg
 
         def grown(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(t.shape[0], cap, *t.shape[2:], dtype=t.dtype, device=t.device)

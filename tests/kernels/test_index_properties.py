@@ -290,3 +290,18 @@ def test_head_dims_64_and_128(kind: IndexKind, dtype: torch.dtype, d: int) -> No
     out, lse, dropped, _, _ = dense_reference(index, q, res.tau)
     torch.testing.assert_close(res.output, out, rtol=1e-4, atol=1e-5)
     assert bool((res.dropped_mass_bound.double() + 1e-6 >= dropped).all())
+
+
+@pytest.mark.parametrize("buffer_size", [7, 100, 255, 257])
+def test_capacity_holds_a_partial_last_segment(buffer_size: int) -> None:
+    """Found by the property test: 253 keys in segments of 7 end past a capacity of 256."""
+    gen = torch.Generator().manual_seed(buffer_size)
+    for n in (253, 256, 300, 513):
+        keys = torch.randn(2, n, 32, generator=gen).half()
+        index = LouverIndex.build(keys, keys.clone(), IndexConfig(kind=IndexKind.QUANT,
+                                                                  buffer_size=buffer_size))
+        q = torch.randn(2, 32, generator=gen).half()
+        s = all_scores(index, q)
+        assert_superset(index, q, tau_on_a_key(s, gen))
+        index.append(keys[:, :buffer_size], keys[:, :buffer_size])
+        assert_superset(index, q, s.amax(dim=1))
