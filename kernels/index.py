@@ -190,7 +190,7 @@ class LouverIndex:
     def estimate_bytes(num_kv_heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
                        num_tokens: int, config: IndexConfig) -> int:
         """Bytes an index over ``num_tokens`` keys allocates (K/V plus index records)."""
-        cap = LouverIndex._capacity_for(num_tokens)
+        cap = LouverIndex._capacity_for(num_tokens, config)
         item = torch.empty((), dtype=dtype).element_size()
         per_key = num_kv_heads * ((head_dim + value_dim) * item
                                   + LouverIndex.record_bytes(head_dim, config))
@@ -208,20 +208,21 @@ class LouverIndex:
         return head_dim * config.quant_bits // 8 + 2 * groups + ranges
 
     @staticmethod
-    def _capacity_for(n: int) -> int:
+    def _capacity_for(n: int, config: IndexConfig) -> int:
+        """Capacity for n keys: a power of two >= 256, and for QUANT whole segments (so that a
+        partial last segment never reaches past it)."""
         cap = _MIN_CAPACITY
         while cap < n:
             cap *= 2
+        if config.kind is IndexKind.QUANT:
+            cap = -(-cap // config.buffer_size) * config.buffer_size
         return cap
 
     def _grow(self, needed: int) -> None:
         """Ensure capacity >= needed, keeping every stored key and record."""
         if needed <= self._cap:
             return
-        cap = self._capacity_for(needed)
-        if self.config.kind is IndexKind.QUANT:  # whole segments: a partial last one fits
-            seg = self.config.buffer_size
-            cap = -(-cap // seg) * seg
+        cap = self._capacity_for(needed, self.config)
 
         def grown(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(t.shape[0], cap, *t.shape[2:], dtype=t.dtype, device=t.device)
