@@ -11,7 +11,11 @@ against a device-to-device copy.
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
 
-    python -m benchmarks.bench_gpu --capture real_l20_64k.pt --out bench_gpu.json
+    python -m benchmarks.capture --tokens 65536 --layers 20 --docs 8 --chunk 2048 \
+        --out data/captures/smollm2_64k_l20.pt                        # CPU, ~6 min
+    python -m benchmarks.bench_gpu --capture real_l20_64k.pt \
+        --make-capture data/captures/smollm2_64k_l20.pt               # one layer, 48 MiB
+    python -m benchmarks.bench_gpu --capture real_l20_64k.pt --out bench_gpu.json   # GPU
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ def copy_bandwidth(device: torch.device) -> float:
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
                                  return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def stage_times(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[str, float]:
+    """GPU time of the captured step cut after each launch (graph replays, median): the copy
+    of q alone, + prologue, + filter, + attention; differences give each kernel's share."""
+    import triton.testing
+
+    names = ["copy_q", "prologue", "filter", "attention"]
+    out: dict[str, float] = {}
+    for stages, name in enumerate(names):
+        step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype, stages=stages)
+        out[f"upto_{name}"] = 1e3 * triton.testing.do_bench(
+            lambda step=step: step(q), warmup=10, rep=40, return_mode="median")
+    return out
 
 
 def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
@@ -109,6 +127,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
         row[f"louver_graph_eps{key}_us"] = statistics.median(graph[key]) * 1e3
         row[f"ratio_graph_eps{key}"] = row[f"louver_graph_eps{key}_us"] / row["sdpa_us"]
     row["false_negatives"] = false_neg
+    row["stages_us"] = stage_times(index, Relative(1e-3), qs[:, 0].to(dev))
     q = qs[:, 0].to(dev)
     dense_ms = triton.testing.do_bench(lambda: index.attend(q, Dense()), warmup=10, rep=40,
                                        return_mode="median")
@@ -127,15 +146,40 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     return row
 
 
+def make_capture(source: str, layer: int, queries: int, out: str) -> None:
+    """Cut the keys, values and last ``queries`` queries of one layer out of a capture made by
+    benchmarks.capture (the GPU run needs no model): {"k", "v", "q", "meta"}, float16."""
+    from benchmarks.capture import load_capture
+
+    cap = load_capture(source)
+    states = cap["layers"][layer]
+    meta = cap["meta"]
+    small = {"k": states["k"].contiguous(), "v": states["v"].contiguous(),
+             "q": states["q"][:, -queries:].contiguous(),
+             "meta": {"source": f"{meta['model']} layer {layer}, {meta['tokens']} tokens of "
+                                f"{meta.get('text_source', 'real text')} in {meta.get('docs', 1)} "
+                                f"document(s); the last {queries} queries", "layer": layer}}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(small, out)
+    print(f"wrote {out}: {Path(out).stat().st_size / 2**20:.1f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capture", required=True)
+    parser.add_argument("--capture", required=True,
+                        help="the one-layer file (see --make-capture)")
+    parser.add_argument("--make-capture", metavar="FULL_CAPTURE",
+                        help="write --capture from a benchmarks.capture file and exit")
+    parser.add_argument("--layer", type=int, default=20, help="with --make-capture")
     parser.add_argument("--contexts", default="4096,32768,131072")
     parser.add_argument("--eps", default="1e-2,1e-3")
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/bench_gpu.json")
     args = parser.parse_args()
+    if args.make_capture:
+        make_capture(args.make_capture, args.layer, 64, args.capture)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA device")
     cap = torch.load(args.capture, weights_only=True)
@@ -158,6 +202,8 @@ def main() -> None:
         print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
               f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
               f"{row['flush_us']:8.0f}", flush=True)
+        print("   stages (cumulative us):", " ".join(f"{k}={v:.1f}"
+                                                     for k, v in row["stages_us"].items()))
     copy_bps = copy_bandwidth(torch.device("cuda"))
     for row in rows:
         row["dense_fraction_of_copy"] = row["dense_bytes_per_s"] / copy_bps

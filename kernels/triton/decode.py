@@ -202,8 +202,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         float(_max_query_abs()),
         q.stride(0), keys.stride(0), keys.stride(1),
         G=q.shape[0] // hkv, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
-        BLOCK=32, MODE=mode, ON_DEVICE=counts is not None,
-        num_warps=2, num_stages=1,
+        BLOCK=128, MODE=mode, ON_DEVICE=counts is not None,
+        num_warps=4, num_stages=1,
     )
 
 
@@ -243,12 +243,18 @@ def _scratch(index: LouverIndex, hq: int) -> _Scratch:
 def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
          tau_in: torch.Tensor | None, sc: _Scratch, tau: torch.Tensor, bad: torch.Tensor,
          out: torch.Tensor, lse: torch.Tensor, num_att: torch.Tensor, dropped: torch.Tensor,
-         num_cand: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+         num_cand: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None,
+         stages: int = 3) -> None:
     """The three launches of one step. counts None: host ints (grids sized to the indexed
     keys); counts (num_indexed, num_keys) device tensors: grids sized by the capacity, every
-    bound read on the device (what CapturedStep records)."""
+    bound read on the device (what CapturedStep records). ``stages`` < 3 runs only the first
+    launches (profiling: the outputs of the others are then stale)."""
     cfg = index.config
+    if stages < 1:
+        return
     _prologue(index, q, mode, tau_off, tau_in, tau, sc.slack, bad, counts)
+    if stages < 2:
+        return
     if counts is None:
         n, total = index.num_indexed, index.num_keys
         nseg = max(-(-n // cfg.buffer_size), 1)
@@ -262,6 +268,8 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         bits=cfg.quant_bits, coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group,
         scale=index.scale, segment_size=cfg.buffer_size, cand_pos=sc.cand_pos,
         cand_count=sc.cand_count, pruned_lse=sc.pruned_lse)
+    if stages < 3:
+        return
     sparse_attention(
         q, index._keys, index._values, tau, scale=index.scale, cand_pos=sc.cand_pos,
         cand_count=sc.cand_count, buffer_start=bs, buffer_end=be, out=out, lse=lse,
@@ -333,10 +341,13 @@ class CapturedStep:
         graph: record a CUDA graph (default: when the index is on a CUDA device). False runs
             the same launches eagerly at every call (the body of the graph; used on the CPU
             under Triton's interpreter and for debugging).
+        stages: profiling only: record the first ``stages`` launches (0-3) of the step;
+            outputs of the launches left out are stale.
     """
 
     def __init__(self, index: LouverIndex, policy: Policy, num_q_heads: int,
-                 q_dtype: torch.dtype | None = None, graph: bool | None = None) -> None:
+                 q_dtype: torch.dtype | None = None, graph: bool | None = None,
+                 stages: int = 3) -> None:
         if not index.uses_triton:
             raise ValueError("CapturedStep needs an index with backend='triton' (QUANT)")
         if num_q_heads < 1 or num_q_heads % index.num_kv_heads:
@@ -352,6 +363,7 @@ class CapturedStep:
         if use_graph and index.device.type != "cuda":
             raise ValueError("a CUDA graph needs an index on a CUDA device")
         self.use_graph = use_graph
+        self.stages = stages
         self.counts = index.device_counters()
         dev, hq = index.device, num_q_heads
         self.q = torch.zeros(hq, index.head_dim, dtype=self.q_dtype, device=dev)
@@ -378,7 +390,7 @@ class CapturedStep:
         assert self._sc is not None
         _run(self.index, self.q, self.mode, self.tau_off, self.tau_in, self._sc, self.tau,
              self.bad, self.out, self.lse, self.num_att, self.dropped, self.num_cand,
-             self.counts)
+             self.counts, self.stages)
 
     def _capture(self) -> None:
         index = self.index

@@ -546,7 +546,10 @@ def _valid_args() -> dict:
 def test_validation(change: dict, match: str) -> None:
     args = _valid_args()
     for k, v in change.items():
-        args[k] = v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+        if isinstance(v, torch.Tensor):   # keep the strides (.to() on CUDA would compact them)
+            v = torch.empty_strided(v.size(), v.stride(), dtype=v.dtype,
+                                    device=DEVICE).copy_(v)
+        args[k] = v
     with pytest.raises(ValueError, match=match):
         sparse_attention(**args)
 
