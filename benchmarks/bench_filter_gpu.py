@@ -5,17 +5,14 @@ coarse 4, group 16, segments of 256 keys, thresholds tuned so that ~5 % and ~20 
 are group candidates, it reports per configuration:
 
   time_us         median of triton.testing.do_bench (warm-up first, outputs preallocated)
-  scanned_bytes   bytes the two stages need: coarse planes + residual norms of every key, plus
-                  the remaining planes of the coarse survivors (+ per-segment ranges)
-  record_bytes    every plane + residual norm of every key (what DRAM moves when the planes of
-                  one key are interleaved, [Hkv, cap, bits, D/8]: the coarse bytes of a key
-                  share 32-byte sectors with its remaining planes)
+  scanned_bytes   bytes the two stages need: coarse field + residual norms of every key, plus
+                  the low field of the coarse survivors (+ per-segment ranges)
+  record_bytes    every code byte + residual norm of every key (what DRAM moves at most: the
+                  coarse and low fields of a key share its record, reference.pack_codes)
   bw_*            bytes / time, and as a fraction of a measured device-to-device copy
                   (read + write counted)
   sdpa_us         dense decode attention for the same shapes (torch SDPA, fp16, GQA): the
                   baseline the sparse step must beat
-  plane_major_us  the same filter on a plane-major copy of the planes ([Hkv, bits, cap, D/8]
-                  viewed as [Hkv, cap, bits, D/8]), where the coarse stage reads only its planes
 
 Keys: Gaussian with log-normal channel scales, a shared mean and a few outlier channels; queries
 Gaussian. Prints a table and writes JSON to --out. Runs in about a minute on one H200.
@@ -40,7 +37,7 @@ from louver_kernels import IndexConfig, IndexKind, LouverIndex
 from louver_kernels import reference as ref
 from louver_kernels.triton.quant_filter import quant_filter
 
-BITS, COARSE, GROUP, SEGMENT = 7, 4, 16, 256
+BITS, COARSE, GROUP, SEGMENT = 6, 4, 16, 256
 SHAPES = ((9, 3, 64), (32, 8, 128))
 SIZES = (32 * 1024, 128 * 1024, 1024 * 1024)
 FRACTIONS = (0.05, 0.20)
@@ -77,7 +74,7 @@ def chunked_bounds(index: LouverIndex, q: torch.Tensor, top: int | None,
                             index.head_dim // GROUP)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        codes = ref.unpack_planes(index._codes[:, start:end], BITS).to(torch.uint8)
+        codes = ref.unpack_codes(index._codes[:, start:end], BITS, COARSE).to(torch.uint8)
         s0, s1 = start // SEGMENT, end // SEGMENT
         out[:, start:end] = ref.quant_bound(q, codes, index._err[:, start:end],
                                             index._lo[:, s0:s1], index._step[:, s0:s1], BITS,
@@ -118,9 +115,8 @@ def bench_one(hq: int, hkv: int, d: int, n: int, bw_copy: float, gen: torch.Gene
     slack = ref.quant_slack(q, index._kmax, index._rmax, index._lmax, d // GROUP)
     full = chunked_bounds(index, q, None)
     coarse = chunked_bounds(index, q, COARSE)
-    planes = index._codes
-    cap = planes.shape[1]
-    plane_major = planes.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+    codes = index._codes
+    cap = codes.shape[1]
     cand_pos = torch.empty(hkv, cap, dtype=torch.int32, device=device)
     cand_count = torch.empty(hkv, dtype=torch.int32, device=device)
     pruned = torch.empty(hq, dtype=torch.float32, device=device)
@@ -139,7 +135,7 @@ def bench_one(hq: int, hkv: int, d: int, n: int, bw_copy: float, gen: torch.Gene
         surv = (coarse >= tau[:, None]).reshape(hkv, g, n).any(dim=1)
         n_surv = int(surv.sum())
 
-        def run(p: torch.Tensor = planes, t: torch.Tensor = tau) -> None:
+        def run(p: torch.Tensor = codes, t: torch.Tensor = tau) -> None:
             quant_filter(q, p, index._err, index._lo, index._step, slack, t,
                          num_indexed=n, bits=BITS, coarse_bits=COARSE, group=GROUP,
                          scale=index.scale, segment_size=SEGMENT, cand_pos=cand_pos,
@@ -152,8 +148,7 @@ def bench_one(hq: int, hkv: int, d: int, n: int, bw_copy: float, gen: torch.Gene
         count_diff = int((cand_count.long() - want).abs().max())
         triton.testing.do_bench(run, warmup=100, rep=100)   # clocks up, caches warm
         ms = triton.testing.do_bench(run, return_mode="median")
-        ms_pm = triton.testing.do_bench(lambda: run(plane_major), return_mode="median")
-        nb, ng = d // 8, d // GROUP
+        nb, ng = d // 8, d // GROUP        # bytes per code bit of a key, residual groups
         ranges = hkv * triton.cdiv(n, SEGMENT) * 2 * d * 4
         scanned = hkv * n * (COARSE * nb + 2 * ng) + n_surv * (BITS - COARSE) * nb + ranges
         record = hkv * n * (BITS * nb + 2 * ng) + ranges
@@ -161,12 +156,12 @@ def bench_one(hq: int, hkv: int, d: int, n: int, bw_copy: float, gen: torch.Gene
             "Hq": hq, "Hkv": hkv, "D": d, "N": n, "target_fraction": frac,
             "candidate_fraction": got_frac, "coarse_survivor_fraction": n_surv / (hkv * n),
             "count_diff_vs_reference": count_diff,
-            "time_us": ms * 1e3, "plane_major_us": ms_pm * 1e3, "sdpa_us": sdpa_ms * 1e3,
+            "time_us": ms * 1e3, "sdpa_us": sdpa_ms * 1e3,
             "scanned_bytes": scanned, "record_bytes": record,
             "bw_scanned_TBps": scanned / (ms * 1e-3) / 1e12,
             "bw_record_TBps": record / (ms * 1e-3) / 1e12,
             "bw_record_of_copy": record / (ms * 1e-3) / bw_copy,
-            "bw_scanned_plane_major_of_copy": scanned / (ms_pm * 1e-3) / bw_copy,
+"bw_scanned_of_copy": scanned / (ms * 1e-3) / bw_copy,
             "keys_per_s": hkv * n / (ms * 1e-3),
         })
     return rows
@@ -196,14 +191,14 @@ def main() -> None:
         for n in sizes:
             rows.extend(bench_one(hq, hkv, d, n, bw, gen, device))
             torch.cuda.empty_cache()
-    head = (f"{'Hq/Hkv/D':>10} {'N':>8} {'cand':>6} {'surv':>6} {'us':>8} {'pm_us':>8} "
+    head = (f"{'Hq/Hkv/D':>10} {'N':>8} {'cand':>6} {'surv':>6} {'us':>8} "
             f"{'sdpa_us':>8} {'rec TB/s':>8} {'%copy':>6} {'scan TB/s':>9} {'Gkey/s':>7} "
             f"{'dcnt':>4}")
     print(head)
     for r in rows:
         print(f"{r['Hq']:>3}/{r['Hkv']}/{r['D']:<4} {r['N']:>8} {r['candidate_fraction']:>6.3f} "
               f"{r['coarse_survivor_fraction']:>6.3f} {r['time_us']:>8.1f} "
-              f"{r['plane_major_us']:>8.1f} {r['sdpa_us']:>8.1f} {r['bw_record_TBps']:>8.2f} "
+              f"{r['sdpa_us']:>8.1f} {r['bw_record_TBps']:>8.2f} "
               f"{100 * r['bw_record_of_copy']:>5.0f}% {r['bw_scanned_TBps']:>9.2f} "
               f"{r['keys_per_s'] / 1e9:>7.1f} {r['count_diff_vs_reference']:>4}")
     with open(args.out, "w") as f:

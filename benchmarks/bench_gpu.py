@@ -51,23 +51,66 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * src.numel() / (ms * 1e-3)
 
 
+def _replay_us(index: LouverIndex, policy: Relative | Dense, q: torch.Tensor, stages: int = 3,
+               tuning: dict[str, dict[str, int]] | None = None) -> float:
+    import triton.testing
+
+    step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype, stages=stages,
+                        tuning=tuning)
+    return 1e3 * triton.testing.do_bench(lambda: step(q), warmup=10, rep=40,
+                                         return_mode="median")
+
+
+def sdpa_best(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor) -> dict[str, float]:
+    """Median us of torch SDPA per backend that accepts the shapes, called two ways: with
+    enable_gqa (q [1, Hq, 1, D]) and with the G query heads of a KV head packed as G query rows
+    ([1, Hkv, G, D], no mask: the same attention, one read of K/V per KV head, as
+    FlashAttention's GQA packing does). The baseline is the fastest entry."""
+    import triton.testing
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    hkv = k4.shape[1]
+    packed = q4.reshape(1, hkv, -1, q4.shape[-1])
+    out = {}
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.CUDNN_ATTENTION):
+        for how, query, gqa in (("gqa", q4, True), ("packed", packed, False)):
+            def run(backend: SDPBackend = backend, query: torch.Tensor = query,
+                    gqa: bool = gqa) -> None:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(query, k4, v4, enable_gqa=gqa)
+            try:
+                run()
+            except RuntimeError:
+                continue
+            out[f"{backend.name.lower()}_{how}"] = 1e3 * triton.testing.do_bench(
+                run, warmup=10, rep=40, return_mode="median")
+    if not out:
+        raise RuntimeError("no SDPA backend accepted the shapes")
+    return out
+
+
 def stage_times(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[str, float]:
     """GPU time of the captured step cut after each launch (graph replays, median): the copy
     of q alone, + prologue, + filter, + attention; differences give each kernel's share."""
-    import triton.testing
-
     names = ["copy_q", "prologue", "filter", "attention"]
-    out: dict[str, float] = {}
-    for stages, name in enumerate(names):
-        step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype, stages=stages)
-        out[f"upto_{name}"] = 1e3 * triton.testing.do_bench(
-            lambda step=step: step(q), warmup=10, rep=40, return_mode="median")
+    return {f"upto_{name}": _replay_us(index, policy, q, stages)
+            for stages, name in enumerate(names)}
+
+
+def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[str, float]:
+    """Step time against the programs per KV head of the filter and of the attention."""
+    out = {}
+    for n in (16, 32, 64, 128, 256):
+        out[f"filter_splits{n}"] = _replay_us(index, policy, q, 2, {"filter": {"num_splits": n}})
+        out[f"attention_splits{n}"] = _replay_us(index, policy, q, 3,
+                                                 {"attention": {"num_splits": n}})
     return out
 
 
 def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
-                eps_list: list[float], config: IndexConfig, dev: torch.device
-                ) -> dict[str, Any]:
+                eps_list: list[float], config: IndexConfig, dev: torch.device,
+                sweep: bool = False) -> dict[str, Any]:
     """One context length: build, time the step per eps and SDPA, check every query."""
     import triton.testing
 
@@ -83,6 +126,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
                            "build_keys_per_s": n_ctx * keys.shape[0] / build_s}
     d = qs.shape[2]
     sdpa_ms: list[float] = []
+    sdpa_backends: dict[str, list[float]] = {}
     louver: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
     fast: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
     graph: dict[str, list[float]] = {f"{e:g}": [] for e in eps_list}
@@ -94,9 +138,10 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
         q = qs[:, j].to(dev)
         q4 = q[None, :, None, :]
         k4, v4 = keys[None], values[None]
-        sdpa_ms.append(triton.testing.do_bench(
-            lambda q4=q4, k4=k4, v4=v4: F.scaled_dot_product_attention(
-                q4, k4, v4, enable_gqa=True), warmup=10, rep=40, return_mode="median"))
+        best = sdpa_best(q4, k4, v4)
+        sdpa_ms.append(min(best.values()) * 1e-3)
+        for name, us in best.items():
+            sdpa_backends.setdefault(name, []).append(us)
         s = ref.scores(q, keys)
         for eps in eps_list:
             policy = Relative(eps)
@@ -118,6 +163,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
             graph[f"{eps:g}"].append(triton.testing.do_bench(
                 lambda q=q, step=step: step(q), warmup=10, rep=40, return_mode="median"))
     row["sdpa_us"] = statistics.median(sdpa_ms) * 1e3
+    row["sdpa_backend_us"] = {k: statistics.median(v) for k, v in sdpa_backends.items()}
     for key in louver:
         t = statistics.median(louver[key]) * 1e3
         row[f"louver_eps{key}_us"] = t
@@ -128,9 +174,10 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
         row[f"ratio_graph_eps{key}"] = row[f"louver_graph_eps{key}_us"] / row["sdpa_us"]
     row["false_negatives"] = false_neg
     row["stages_us"] = stage_times(index, Relative(1e-3), qs[:, 0].to(dev))
+    if sweep:
+        row["sweep_us"] = split_sweep(index, Relative(1e-3), qs[:, 0].to(dev))
     q = qs[:, 0].to(dev)
-    dense_ms = triton.testing.do_bench(lambda: index.attend(q, Dense()), warmup=10, rep=40,
-                                       return_mode="median")
+    dense_ms = _replay_us(index, Dense(), q) * 1e-3   # the step with every key attended
     item = keys.element_size()
     row["dense_us"] = dense_ms * 1e3
     row["dense_bytes_per_s"] = keys.shape[0] * n_ctx * (d + values.shape[2]) * item / (
@@ -164,6 +211,60 @@ def make_capture(source: str, layer: int, queries: int, out: str) -> None:
     print(f"wrote {out}: {Path(out).stat().st_size / 2**20:.1f} MiB")
 
 
+# (KV head pairs, time shifts) of the Llama-3-8B-like shape built from SmolLM2's 3 KV heads
+_LLAMA_PAIRS = [(0, 1), (1, 2), (2, 0), (0, 2), (1, 0), (2, 1), (0, 0), (1, 1)]
+
+
+def llama_like(cap: dict[str, Any]) -> dict[str, Any]:
+    """Hq=32, Hkv=8, D=128 from the real 9/3/64 capture: KV head j concatenates the channels of
+    two SmolLM2 KV heads (a, b) = _LLAMA_PAIRS[j] with the positions of b rotated by j * 8191
+    (so that no two heads are equal); query head 4 j + i concatenates query heads of a and b
+    (the channel halves of q.k are real scores of real heads). Values likewise."""
+    k, v, q = cap["k"], cap["v"], cap["q"]
+    n = k.shape[1]
+    ks, vs, qs = [], [], []
+    for j, (a, b) in enumerate(_LLAMA_PAIRS):
+        shift = (j * 8191) % n
+        ks.append(torch.cat([k[a], k[b].roll(shift, dims=0)], dim=-1))
+        vs.append(torch.cat([v[a], v[b].roll(shift, dims=0)], dim=-1))
+        for i in range(4):
+            qs.append(torch.cat([q[3 * a + i % 3], q[3 * b + (i + 1) % 3]], dim=-1))
+    meta = dict(cap["meta"])
+    meta["source"] = (meta["source"] + "; Llama-like 32/8/128 made of pairs of these heads "
+                      "(channels concatenated, second head's positions rotated)")
+    return {"k": torch.stack(ks), "v": torch.stack(vs), "q": torch.stack(qs), "meta": meta}
+
+
+SHAPES = {"smollm2": ("Hq=9 Hkv=3 D=64 (SmolLM2)", lambda cap: cap),
+          "llama": ("Hq=32 Hkv=8 D=128 (Llama-3-8B-like)", llama_like)}
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    """Latency against context: SDPA and Louver (graph replay) per shape and eps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        rows = res["rows"]
+        ctx = [r["context"] for r in rows]
+        ax.plot(ctx, [r["sdpa_us"] for r in rows], "k-o", label="torch SDPA (dense)")
+        for key in sorted(k for k in rows[0] if k.startswith("louver_graph_eps")):
+            eps = key.removeprefix("louver_graph_eps").removesuffix("_us")
+            ax.plot(ctx, [r[key] for r in rows], "-o", label=f"Louver relative eps={eps}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (keys)")
+        ax.set_ylabel("latency per layer-step (us)")
+        ax.set_title(f"{res['shape']}, {res['gpu']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,47 +273,60 @@ def main() -> None:
     parser.add_argument("--make-capture", metavar="FULL_CAPTURE",
                         help="write --capture from a benchmarks.capture file and exit")
     parser.add_argument("--layer", type=int, default=20, help="with --make-capture")
-    parser.add_argument("--contexts", default="4096,32768,131072")
+    parser.add_argument("--shapes", default="smollm2,llama", help=f"of {sorted(SHAPES)}")
+    parser.add_argument("--contexts", default="4096,8192,32768,131072")
     parser.add_argument("--eps", default="1e-2,1e-3")
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--out", default="benchmarks/results/bench_gpu.json")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the step against the split counts of both kernels")
     args = parser.parse_args()
     if args.make_capture:
         make_capture(args.make_capture, args.layer, 64, args.capture)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu needs a CUDA device")
-    cap = torch.load(args.capture, weights_only=True)
-    qs = cap["q"][:, -args.queries:]
+    real = torch.load(args.capture, weights_only=True)
     config = IndexConfig(backend="triton")
     eps_list = [float(e) for e in args.eps.split(",")]
-    rows = []
-    print(f"{'N':>7} {'sdpa us':>8} " + " ".join(f"{'eps' + str(e):>10} {'graph':>7} {'x':>5} "
-                                                   f"{'cand':>6}" for e in eps_list)
-          + f" {'FN':>3} "
-          f"{'dense us':>8} {'build Mk/s':>10} {'flush us':>8}")
-    for n_ctx in [int(x) for x in args.contexts.split(",")]:
-        row = run_context(cap["k"], cap["v"], qs, n_ctx, eps_list, config,
-                          torch.device("cuda"))
-        rows.append(row)
-        cols = " ".join(f"{row[f'louver_eps{e:g}_us']:10.1f} "
-                        f"{row[f'louver_graph_eps{e:g}_us']:7.1f} "
-                        f"{row[f'ratio_graph_eps{e:g}']:5.2f} "
-                        f"{row[f'cand_frac_eps{e:g}']:6.3f}" for e in eps_list)
-        print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
-              f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
-              f"{row['flush_us']:8.0f}", flush=True)
-        print("   stages (cumulative us):", " ".join(f"{k}={v:.1f}"
-                                                     for k, v in row["stages_us"].items()))
     copy_bps = copy_bandwidth(torch.device("cuda"))
-    for row in rows:
-        row["dense_fraction_of_copy"] = row["dense_bytes_per_s"] / copy_bps
+    results = []
+    for shape in args.shapes.split(","):
+        label, make = SHAPES[shape]
+        cap = make(real)
+        qs = cap["q"][:, -args.queries:]
+        print(label)
+        print(f"{'N':>7} {'sdpa us':>8} " + " ".join(
+            f"{'eps' + str(e):>10} {'graph':>7} {'x':>5} {'cand':>6}" for e in eps_list)
+            + f" {'FN':>3} {'dense us':>8} {'build Mk/s':>10} {'flush us':>8}")
+        rows = []
+        for n_ctx in [int(x) for x in args.contexts.split(",")]:
+            row = run_context(cap["k"], cap["v"], qs, n_ctx, eps_list, config,
+                              torch.device("cuda"), args.sweep)
+            row["dense_fraction_of_copy"] = row["dense_bytes_per_s"] / copy_bps
+            rows.append(row)
+            cols = " ".join(f"{row[f'louver_eps{e:g}_us']:10.1f} "
+                            f"{row[f'louver_graph_eps{e:g}_us']:7.1f} "
+                            f"{row[f'ratio_graph_eps{e:g}']:5.2f} "
+                            f"{row[f'cand_frac_eps{e:g}']:6.3f}" for e in eps_list)
+            print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
+                  f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
+                  f"{row['flush_us']:8.0f}", flush=True)
+            for key in ("stages_us", "sweep_us"):
+                if key in row:
+                    print(f"   {key}:", " ".join(f"{k}={v:.1f}" for k, v in row[key].items()))
+        results.append({"shape": label, "gpu": torch.cuda.get_device_name(),
+                        "keys": cap["meta"]["source"] + "; contexts beyond it repeat it",
+                        "rows": rows})
     out = {"benchmark": "bench_gpu", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "shape": "Hq=9 Hkv=3 D=64 (SmolLM2)",
-           "keys": cap["meta"]["source"] + "; contexts beyond it repeat the capture",
-           "copy_bytes_per_s": copy_bps, "config": str(config), "rows": rows}
+           "torch": torch.__version__, "copy_bytes_per_s": copy_bps, "config": str(config),
+           "timing": "median of triton.testing.do_bench (CUDA events) after warm-up; "
+                     "louver_graph = CapturedStep replay incl. the copy of q; louver = eager "
+                     "index.attend (host launch overhead included)",
+           "shapes": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(results, Path(args.out).with_suffix(".png"))
     print(json.dumps({"copy_TBps": copy_bps / 1e12}), f"wrote {args.out}")
 
 

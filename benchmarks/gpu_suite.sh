@@ -7,7 +7,7 @@
 # hypothesis are needed): louver_kernels is made importable through a symlink to kernels/.
 # Logs and JSON go to $OUT (default benchmarks/results/gpu). CAPTURE is a file made by
 # benchmarks/bench_gpu.py --make-capture (real q/k/v of one layer); the real-key tests also use
-# data/captures/test_smollm2_1k.pt when it exists.
+# data/captures/test_smollm2_1k.pt when it exists. TESTS overrides the test paths.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-benchmarks/results/gpu}
@@ -21,7 +21,7 @@ python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", tr
     | tee -a "$OUT/gpu.txt"
 rc=0
 if [[ $what == tests || $what == all ]]; then
-    python3 -m pytest -q -p no:cacheprovider tests/kernels ${PYTEST_ARGS:-} 2>&1 \
+    python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/kernels} 2>&1 \
         | tee "$OUT/pytest_kernels.log"
     rc=${PIPESTATUS[0]}
 fi

@@ -27,9 +27,10 @@ class IndexConfig:
         num_subspaces: BALLS: number of contiguous slices of the head dim (divides D).
         cluster_size: BALLS: target number of keys per cluster (>= 1).
         buffer_size: recent tokens attended exactly before being indexed (>= 1).
-        quant_bits: QUANT: bits per channel code (2..8), stored as bit planes.
-        quant_coarse_bits: QUANT: planes read by the kernels' first pass (1..quant_bits); keys
-            whose coarse bound reaches tau have their remaining planes read.
+        quant_bits: QUANT: bits per channel code (2..8; the Triton backend: <= 7).
+        quant_coarse_bits: QUANT: top bits of each code read by the kernels' first pass
+            (1..quant_bits; the Triton backend: 1, 2 or 4, with quant_bits - quant_coarse_bits
+            in {0, 1, 2, 4}); keys whose coarse bound reaches tau have their low bits read.
         quant_group: QUANT: channels per residual-norm group (divides D).
         sink_tokens: first positions whose exact score feeds the threshold's m_lo.
         probe_recent: the most recent positions whose exact score also feeds m_lo (the buffer
@@ -80,8 +81,12 @@ class IndexConfig:
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"IndexConfig.backend must be auto, torch or triton, got "
                              f"{self.backend!r}")
-        if self.backend == "triton" and self.kind is not IndexKind.QUANT:
-            raise ValueError("the Triton backend implements the QUANT index kind only")
+        if self.backend == "triton":
+            if self.kind is not IndexKind.QUANT:
+                raise ValueError("the Triton backend implements the QUANT index kind only")
+            from louver_kernels.reference import code_fields
+
+            code_fields(self.quant_bits, self.quant_coarse_bits)   # the GPU code layout
         if self.softmax_scale is not None and not (
             math.isfinite(self.softmax_scale) and self.softmax_scale > 0
         ):
@@ -97,6 +102,9 @@ class IndexConfig:
         if self.kind is IndexKind.QUANT and (head_dim % self.quant_group or head_dim % 8):
             raise ValueError(f"quant_group={self.quant_group} and 8 must divide "
                              f"head_dim={head_dim}")
+        if self.kind is IndexKind.QUANT and head_dim > 512:
+            raise ValueError(f"QUANT indexes head dims up to 512 (the slack's proof), got "
+                             f"{head_dim}")
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale used for keys of dimension ``head_dim``."""

@@ -14,9 +14,11 @@ Index records per kind (fixed width per key, so a GPU kernel reads them coalesce
 
     BALLS  ids     int32 [Hkv, cap, S]          cluster of the key in each subspace
            centers float32 [Hkv, S, Ccap, D/S]  radii float32 [Hkv, S, Ccap]
-    QUANT  codes   uint8 [Hkv, cap, D]          one code per channel (CPU tensors), or
-           planes  uint8 [Hkv, cap, bits, D/8]  bit planes, most significant first (CUDA
-                                                tensors: a first kernel pass reads the top ones)
+    QUANT  codes   uint8 [Hkv, cap, D]          one code per channel (torch backend), or
+           codes   uint8 [Hkv, cap, D*bits/8]   packed records (Triton backend,
+                                                reference.pack_codes: the top bits of every
+                                                channel, then the low bits; a first kernel
+                                                pass reads the top field)
            err     float16 [Hkv, cap, D/group]  residual norm per group, rounded up
            lo, step float32 [Hkv, cap/B, D]     per segment and channel affine range
 
@@ -146,9 +148,11 @@ class LouverIndex:
             self._num_clusters = 0
         else:
             groups = head_dim // config.quant_group
-            # bit planes for the Triton kernels, one byte per code for the torch backend
+            # packed code records for the Triton kernels (reference.pack_codes), one byte per
+            # code for the torch backend
             self._planar = self.uses_triton
-            shape = (h, 0, config.quant_bits, head_dim // 8) if self._planar else (h, 0, head_dim)
+            shape = ((h, 0, head_dim * config.quant_bits // 8) if self._planar
+                     else (h, 0, head_dim))
             self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
             self._lo = torch.empty(h, 0, head_dim, device=self.device)
@@ -261,13 +265,19 @@ class LouverIndex:
                              f"Dv={self.value_dim}], got {tuple(values.shape)}")
         k = keys.to(device=self.device, dtype=self.dtype)
         v = values.to(device=self.device, dtype=self.dtype)
-        if k.numel() and not bool(torch.isfinite(k).all()):
-            raise ValueError("keys contain NaN or Inf (after conversion to the storage dtype)")
-        if v.numel() and not bool(torch.isfinite(v).all()):
-            raise ValueError("values contain NaN or Inf (after conversion to the storage dtype)")
-        if k.numel() and float(k.abs().max()) > MAX_KEY_ABS:
-            raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; float32 "
-                             "scores would overflow")
+        if k.numel():   # T > 0 (then v is not empty either): the checks in one synchronization
+            k_finite, v_finite, k_small = torch.stack([
+                torch.isfinite(k).all(), torch.isfinite(v).all(),
+                (k.abs() <= MAX_KEY_ABS).all()]).tolist()
+            if not k_finite:
+                raise ValueError("keys contain NaN or Inf (after conversion to the storage "
+                                 "dtype)")
+            if not v_finite:
+                raise ValueError("values contain NaN or Inf (after conversion to the storage "
+                                 "dtype)")
+            if not k_small:
+                raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; "
+                                 "float32 scores would overflow")
         return k, v
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -298,7 +308,8 @@ class LouverIndex:
         if end <= start:
             return
         k = self._keys[:, start:end]
-        self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
+        if not self.uses_triton:   # the Triton encoder raises _kmax itself (no synchronization)
+            self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
         if self.config.kind is IndexKind.BALLS:
             self._encode_balls(k, start, end)
         else:
@@ -341,8 +352,19 @@ class LouverIndex:
     def _encode_quant(self, k: torch.Tensor, start: int, end: int) -> None:
         """Encode positions [start, end): whole segments at once, then a partial last one. A
         partial segment already in the index is re-encoded over all of its keys."""
-        seg = self.config.buffer_size
+        cfg = self.config
+        seg = cfg.buffer_size
         first = start // seg * seg                   # re-fit a partial segment from its start
+        if self.uses_triton:
+            from louver_kernels.triton.encode import quant_encode_packed
+
+            # one launch: the segments of [first, end), the ranges, records and running maxima
+            quant_encode_packed(
+                self._keys, self._codes, self._err, self._lo, self._step, self._kmax,
+                self._lmax, self._rmax, start=first, end=end, segment_size=seg,
+                bits=cfg.quant_bits, coarse=cfg.quant_coarse_bits, group=cfg.quant_group,
+                norm_start=start)
+            return
         whole_end = first + (end - first) // seg * seg
         if whole_end > first:
             self._encode_quant_segments(first, whole_end, seg)
@@ -350,7 +372,8 @@ class LouverIndex:
             self._encode_quant_segments(whole_end, end, end - whole_end)
 
     def _encode_quant_segments(self, start: int, end: int, size: int) -> None:
-        """Encode [start, end) (start a multiple of buffer_size) as segments of ``size`` keys."""
+        """Encode [start, end) (start a multiple of buffer_size) as segments of ``size`` keys
+        (the torch backend; the Triton one encodes with triton.encode.quant_encode_packed)."""
         cfg = self.config
         k = self._keys[:, start:end]
         hkv, t, d = k.shape
@@ -363,8 +386,7 @@ class LouverIndex:
         self._step[:, s0: s0 + t // size] = step
         self._lmax = torch.maximum(self._lmax, ref.round_up_f32(lo.double().norm(dim=-1)
                                                                 .amax(dim=1)))
-        self._codes[:, start:end] = ref.pack_planes(codes, cfg.quant_bits) if self._planar \
-            else codes
+        self._codes[:, start:end] = codes
         self._err[:, start:end] = err.reshape(hkv, t, -1)
         emax = ref.round_up_f32(err.double().norm(dim=-1).amax(dim=2).amax(dim=1))
         self._rmax = torch.maximum(self._rmax, emax)
@@ -429,8 +451,8 @@ class LouverIndex:
 
         Args:
             q: [Hq, D] (validated).
-            top: QUANT only: bound from the top ``top`` bit planes (the coarse first pass of
-                the kernels); None: every plane (the tightest bound).
+            top: QUANT only: bound from the top ``top`` bits of the codes (the coarse first
+                pass of the kernels); None: every bit (the tightest bound).
         Returns:
             float32 [Hq, num_indexed]: UB >= fl32(q.k_n) for every indexed key n.
         """
@@ -445,7 +467,8 @@ class LouverIndex:
             nseg = -(-n // seg)
             codes, err = self._codes[:, : nseg * seg], self._err[:, : nseg * seg]
             if self._planar:
-                codes = ref.unpack_planes(codes, self.config.quant_bits).to(torch.uint8)
+                codes = ref.unpack_codes(codes, self.config.quant_bits,
+                                         self.config.quant_coarse_bits).to(torch.uint8)
             ub = ref.quant_bound(q, codes, err, self._lo[:, :nseg], self._step[:, :nseg],
                                  self.config.quant_bits, top)[:, :n]
             slack = ref.quant_slack(q, self._kmax, self._rmax, self._lmax,

@@ -224,24 +224,36 @@ def balls_slack(q: torch.Tensor, kmax: torch.Tensor, rmax: torch.Tensor, num_sub
 # QUANT: keys are indexed in aligned segments of B keys (B = the buffer size). Per (KV head,
 # segment, channel) an affine code k^_d = lo_d + step_d c_d, c_d in [0, 2^b - 1], fitted on the
 # segment's own keys (so ranges follow RoPE's drift over positions and growth needs no
-# re-quantization); stored as b bit planes on the GPU (most significant first, 8 channels per
-# byte) or one byte per code on the CPU. Per key and group of channels: the exact residual norm
+# re-quantization); stored on the GPU as one record per key of two packed fields (pack_codes:
+# the top bits of every channel, then the low bits) or one byte per code on the CPU. Per key and
+# group of channels: the exact residual norm
 # e_g >= ||k_g - k^_g||, computed in float64 against the exact real value lo + step c, rounded up
 # to float16.
 #
 # Full bound: q.k = q.k^ + q.(k - k^) <= q.k^ + sum_g ||q_g|| e_g       (Cauchy-Schwarz per group)
-# computed as sum_d fl(q_d step_d) c_d + sum_d q_d lo_d + sum_g ||q_g|| e_g in float32.
+# with q.k^ = sum_d q_d step_d c_d + sum_d q_d lo_d.
 #
-# Coarse bound from the top p planes only (what a first kernel pass reads): with
+# Coarse bound from the top p bits only (what a first kernel pass reads): with
 # c = 2^(b-p) t + u, u in [0, 2^(b-p) - 1], let M = (2^(b-p) - 1) / 2 and k1 = lo + step (2^(b-p) t
 # + M). Then |k^_d - k1_d| <= step_d M, so
 #   q.k <= q.k1 + sum_d |q_d| step_d M + sum_g ||q_g|| e_g     (>= the full bound, term by term).
 #
-# Rounding: both are float32 sums of at most 3D + G terms, each with at most three rounded
-# factors; sum|terms| <= ||q|| (||step c|| + ||lo|| + ||e||) + sum |q_d| step_d (2^(b-p) - 1) <=
-# ||q|| (2 Kmax + 3 Emax + 3 Lmax) since ||step c|| <= ||k|| + ||e|| + ||lo|| and
-# ||step (2^(b-p) - 1)|| <= ||step c_max|| <= Kmax + Emax + 2 Lmax for a range fitted on the keys,
-# with Lmax >= ||lo|| over segments. m = 3D + 2G + 8 covers the products, sums and norms.
+# The dot with the codes is exact integer arithmetic (what the GPU kernel computes on int8
+# tensor cores): quant_query_int turns fl(q_d step_d) into sigma qi_d >= fl(q_d step_d) (sigma a
+# power of two, |qi_d| <= 2^14); since c_d >= 0, sigma sum_d qi_d c_d >= sum_d fl(q_d step_d) c_d,
+# the integer sum is exact, and it is rounded to float32 once. The coarse dot uses the same
+# qi with sigma 2^(b-p) and t for c. So the dot costs one rounding of fl(q_d step_d) per term and
+# one of the sum, and its excess over sum_d fl(q_d step_d) c_d is positive (sound) and at most
+# sigma sum_d c_d <= 2^-13 max_d |fl(q_d step_d)| D (2^b - 1).
+#
+# Rounding: in any summation order, every term of the bounds passes through at most 2D + G + 8
+# rounded operations (its factors, the sums of the per-segment constants, the final sum). The
+# term magnitudes sum to at most ||q|| (2 Kmax + 3 Emax + 3 Lmax) for the reference's terms
+# (||step c|| <= ||k|| + ||e|| + ||lo||, ||step (2^(b-p) - 1)|| <= ||step c_max|| <= Kmax + Emax +
+# 2 Lmax for a range fitted on the keys, Lmax >= ||lo|| over segments), plus the dot's excess
+# <= 2^-13 D max_d |q_d step_d| c_max <= 2^-13 D ||q|| (Kmax + Emax + 2 Lmax): at most
+# (1 + D 2^-13) <= 1.07 times that bound for D <= 512. gamma_m with m = 3D + 2G + 8 >=
+# 1.07 (2D + G + 8) covers it (gamma_a c <= gamma_(c a) for c >= 1).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -261,43 +273,80 @@ def quant_fit_range(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     return lo, step
 
 
-def pack_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit planes of codes: uint8 [..., D] (values < 2^bits) -> uint8 [..., bits, D/8].
+def code_fields(bits: int, coarse: int) -> tuple[int, int]:
+    """(coarse, fine) field widths of the GPU code layout; each must divide 8 (fine may be 0)
+    and codes must fit int8 (bits <= 7) for the kernels' integer dot."""
+    fine = bits - coarse
+    if coarse not in (1, 2, 4) or fine not in (0, 1, 2, 4) or bits > 7:
+        raise ValueError(f"the GPU code layout needs coarse bits in {{1, 2, 4}}, the other "
+                         f"bits in {{0, 1, 2, 4}} and at most 7 bits; got bits={bits}, "
+                         f"coarse={coarse}")
+    return coarse, fine
 
-    Plane j holds bit (bits - 1 - j) of every code (most significant plane first); channel
-    8i + k is bit k of byte i. D must be a multiple of 8.
-    """
-    *lead, d = codes.shape
+
+def _pack_field(values: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 [..., D] (< 2^width) -> uint8 [..., D * width / 8]: byte i holds channels
+    (8 / width) i + j at bits width j."""
+    *lead, d = values.shape
+    per = 8 // width
+    shifts = width * torch.arange(per, device=values.device, dtype=torch.int32)
+    return (values.reshape(*lead, d // per, per) << shifts).sum(-1).to(torch.uint8)
+
+
+def _unpack_field(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """Inverse of _pack_field: uint8 [..., B] -> int32 [..., B * 8 / width]."""
+    per = 8 // width
+    shifts = width * torch.arange(per, device=packed.device, dtype=torch.int32)
+    v = (packed.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * per)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, coarse: int) -> torch.Tensor:
+    """The GPU code layout: uint8 [..., D] codes (< 2^bits) -> uint8 [..., D * bits / 8], one
+    record per key: the coarse field (the top ``coarse`` bits of every channel, c >> fine),
+    then the fine field (the low ``fine`` bits); see _pack_field for the bytes of a field."""
+    cb, fb = code_fields(bits, coarse)
     c = codes.to(torch.int32)
-    shifts = torch.arange(bits - 1, -1, -1, device=codes.device, dtype=torch.int32)
-    planes = (c[..., None, :] >> shifts[:, None]) & 1                  # [..., bits, D]
-    weights = (1 << torch.arange(8, device=codes.device, dtype=torch.int32))
-    packed = (planes.reshape(*lead, bits, d // 8, 8) * weights).sum(-1)
-    return packed.to(torch.uint8)
+    parts = [_pack_field(c >> fb, cb)]
+    if fb:
+        parts.append(_pack_field(c & ((1 << fb) - 1), fb))
+    return torch.cat(parts, dim=-1)
 
 
-def unpack_planes(planes: torch.Tensor, bits: int, top: int | None = None) -> torch.Tensor:
-    """Codes from bit planes: uint8 [..., bits, D/8] -> int32 [..., D].
+def unpack_codes(packed: torch.Tensor, bits: int, coarse: int, top: int | None = None
+                 ) -> torch.Tensor:
+    """Codes from pack_codes' layout -> int32 [..., D]; ``top`` = coarse: the coarse field only
+    (c >> (bits - coarse))."""
+    cb, fb = code_fields(bits, coarse)
+    d = packed.shape[-1] * 8 // bits
+    hi = _unpack_field(packed[..., : d * cb // 8], cb)
+    if top is not None:
+        if top != coarse:
+            raise ValueError(f"top must be None or coarse={coarse}, got {top}")
+        return hi
+    if not fb:
+        return hi
+    return (hi << fb) | _unpack_field(packed[..., d * cb // 8:], fb)
 
-    With ``top`` = p < bits, returns the code of the top p planes only (c >> (bits - p)).
+
+def quant_query_int(qstep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integer query of the exact dot: qstep float32 [..., D] (= fl(q_d step_d)) ->
+    (qi int32 [..., D], sigma float32 [...]) with sigma a power of two, |qi_d| <= 2^14 and
+    sigma qi_d >= qstep_d exactly (the codes are >= 0, so sum_d sigma qi_d c_d >=
+    sum_d qstep_d c_d).
+
+    sigma = 2^(E - 140) for the biased exponent E of max_d |qstep_d| (so max |qstep_d| / sigma
+    < 2^14; sigma >= 2^-126), qi = ceil(qstep / sigma): the scaling by the power of two 1/sigma
+    is exact except for results in float32's subnormal range (|x| < 2^-126, i.e. qi in {0, 1}),
+    where qi is raised to 1 for every qstep_d > 0 so that rounding never loses the bound.
     """
-    p = bits if top is None else top
-    *lead, _, nbytes = planes.shape
-    table = _byte_bits(planes.device)                                    # [256, 8] int32
-    weights = (1 << torch.arange(p - 1, -1, -1, device=planes.device, dtype=torch.int32))
-    b = table[planes[..., :p, :].long()]                                 # [..., p, D/8, 8]
-    return (b.reshape(*lead, p, nbytes * 8) * weights[:, None]).sum(dim=-2, dtype=torch.int32)
-
-
-_BYTE_BITS: dict[torch.device, torch.Tensor] = {}
-
-
-def _byte_bits(device: torch.device) -> torch.Tensor:
-    """int32 [256, 8]: bit k of every byte value."""
-    if device not in _BYTE_BITS:
-        _BYTE_BITS[device] = ((torch.arange(256, dtype=torch.int32)[:, None]
-                               >> torch.arange(8, dtype=torch.int32)) & 1).to(device)
-    return _BYTE_BITS[device]
+    amax = qstep.abs().amax(dim=-1)
+    e = ((amax.view(torch.int32) >> 23) - 13).clamp_min(1)            # biased exponent of sigma
+    sigma = (e << 23).view(torch.float32)
+    inv = ((254 - e) << 23).view(torch.float32)                        # 1 / sigma, exactly
+    qi = torch.ceil(qstep * inv[..., None]).to(torch.int32)
+    qi = torch.where(qstep > 0, qi.clamp_min(1), qi)
+    return qi, sigma
 
 
 def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
@@ -307,7 +356,7 @@ def quant_encode(keys: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits:
     Args:
         keys: [Hkv, S, B, D]; lo, step: float32 [Hkv, S, D]; group divides D.
     Returns:
-        codes uint8 [Hkv, S, B, D] (< 2^bits; see pack_planes for the GPU layout) and err
+        codes uint8 [Hkv, S, B, D] (< 2^bits; see pack_codes for the GPU layout) and err
         float16 [Hkv, S, B, D/group] >= ||k_g - (lo + step c)_g||. Keys outside the range get
         clamped codes; their residual norm absorbs the difference, so the bound stays sound.
     """
@@ -326,7 +375,7 @@ def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: tor
     Args:
         q: [Hq, D]; codes: uint8 [Hkv, S*B, D] full codes of S whole segments of B keys;
         err: float16 [Hkv, S*B, G]; lo, step: float32 [Hkv, S, D] per segment;
-        top: bit planes read (None: all = the full bound; p < bits: the coarse bound of the
+        top: code bits read (None: all = the full bound; p < bits: the coarse bound of the
         module comment, from codes >> (bits - p)).
     Returns:
         float32 [Hq, S*B].
@@ -342,13 +391,14 @@ def quant_bound(q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: tor
     shift = 1 << (bits - p)
     half = (shift - 1) / 2.0
     qf = q.float().reshape(hkv, g, d)
-    qstep = qf[:, :, None] * (step * shift)[:, None]                      # [Hkv, G, S, D]
+    qi, sigma = quant_query_int(qf[:, :, None] * step[:, None])         # [Hkv, G, S, D]
     base = (qf[:, :, None] * (lo + step * half)[:, None]).sum(-1)         # [Hkv, G, S]
     box = (qf[:, :, None].abs() * step[:, None]).sum(-1) * half           # [Hkv, G, S]
     c = codes if p == bits else codes >> (bits - p)
-    c = c.reshape(hkv, nseg, seg, d).float()
-    dot = torch.einsum("hgsd,hsnd->hgsn", qstep, c)                       # [Hkv, G, S, B]
-    dot = dot + (base + box)[..., None]
+    c = c.reshape(hkv, nseg, seg, d).double()
+    # exact integer dot (float64 holds it: |qi c| <= 2^21, D terms), rounded once to float32
+    dot = torch.einsum("hgsd,hsnd->hgsn", qi.double(), c).float()       # [Hkv, G, S, B]
+    dot = dot * (sigma * shift)[..., None] + (base + box)[..., None]
     qn = qf.reshape(hkv, g, ng, d // ng).norm(dim=-1)                     # [Hkv, G, Gr]
     corr = torch.bmm(qn, err.float().transpose(1, 2))                     # [Hkv, G, N]
     return (dot.reshape(hkv, g, n) + corr).reshape(hq, n)

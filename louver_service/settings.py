@@ -90,7 +90,7 @@ class Settings(BaseSettings):
     index_quant_bits: int = Field(default=_INDEX.quant_bits, ge=2, le=8,
                                   description="default QUANT bits per channel")
     index_quant_coarse_bits: int = Field(default=_INDEX.quant_coarse_bits or 4, ge=1, le=8,
-                                         description="default QUANT planes of the first pass")
+                                         description="default QUANT code bits of the first pass")
     index_quant_group: int = Field(default=_INDEX.quant_group, ge=1,
                                    description="default QUANT channels per residual group")
     default_policy: str = Field(default="relative:1e-4",

@@ -1,7 +1,7 @@
 """One decode step of a QUANT index on the GPU: threshold, candidate filter, sparse attention.
 
-The step reads, per KV head: the top bit planes of every indexed key (and the rest of the
-planes and the residual norms of the keys whose coarse bound reaches tau), then K of the
+The step reads, per KV head: the coarse code field and the residual norms of every indexed key
+(and the low bits of the keys whose coarse bound reaches tau), then K of the
 group's candidates and V of the keys some head attends, then the recent buffer. It computes
 exactly what ``LouverIndex.attend`` computes on the reference backend for the policies it
 supports (Fixed, Relative, Dense): the same tau, the same attended set {s >= tau} U buffer, the
@@ -244,11 +244,14 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
          tau_in: torch.Tensor | None, sc: _Scratch, tau: torch.Tensor, bad: torch.Tensor,
          out: torch.Tensor, lse: torch.Tensor, num_att: torch.Tensor, dropped: torch.Tensor,
          num_cand: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None,
-         stages: int = 3) -> None:
+         stages: int = 3, tuning: dict[str, dict[str, int]] | None = None) -> None:
     """The three launches of one step. counts None: host ints (grids sized to the indexed
     keys); counts (num_indexed, num_keys) device tensors: grids sized by the capacity, every
     bound read on the device (what CapturedStep records). ``stages`` < 3 runs only the first
-    launches (profiling: the outputs of the others are then stale)."""
+    launches (profiling: the outputs of the others are then stale); ``tuning`` passes launch
+    overrides to the kernels ({"filter": {...}, "attention": {...}}: num_splits, block_n,
+    num_warps)."""
+    tuning = tuning or {}
     cfg = index.config
     if stages < 1:
         return
@@ -263,25 +266,37 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     else:
         lo, step = index._lo, index._step
         n_arg, bs, be = counts[0], counts[0], counts[1]
+    if mode == MODE_DENSE:
+        # every key attended: no filter, the attention reads K and V contiguously
+        if stages < 3:
+            return
+        sparse_attention(
+            q, index._keys, index._values, tau, scale=index.scale, dense_end=bs,
+            buffer_start=bs, buffer_end=be, out=out, lse=lse, num_attended=num_att,
+            **tuning.get("attention", {}))
+        dropped.zero_()
+        num_cand.copy_(be.expand(num_cand.shape[0]) if isinstance(be, torch.Tensor)
+                       else torch.full_like(num_cand, be))
+        return
     quant_filter(
         q, index._codes, index._err, lo, step, sc.slack, tau, num_indexed=n_arg,
         bits=cfg.quant_bits, coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group,
         scale=index.scale, segment_size=cfg.buffer_size, cand_pos=sc.cand_pos,
-        cand_count=sc.cand_count, pruned_lse=sc.pruned_lse)
+        cand_count=sc.cand_count, pruned_lse=sc.pruned_lse, **tuning.get("filter", {}))
     if stages < 3:
         return
     sparse_attention(
         q, index._keys, index._values, tau, scale=index.scale, cand_pos=sc.cand_pos,
         cand_count=sc.cand_count, buffer_start=bs, buffer_end=be, out=out, lse=lse,
         num_attended=num_att, below_lse=sc.below_lse, pruned_lse=sc.pruned_lse,
-        dropped=dropped, num_candidates=num_cand)
+        dropped=dropped, num_candidates=num_cand, **tuning.get("attention", {}))
 
 
 def attend(index: LouverIndex, q: torch.Tensor, policy: Policy) -> AttendOutput:
     """``index.attend(q, policy)`` through the Triton kernels (QUANT index, planar layout).
 
     Args:
-        index: a QUANT LouverIndex whose codes are stored as bit planes.
+        index: a QUANT LouverIndex with the Triton backend (packed code records).
         q: [Hq, D] query on the index's device (shape-checked; its values are checked on the
             device: AttendOutput.q_error).
         policy: Fixed, Relative or Dense.
@@ -341,13 +356,14 @@ class CapturedStep:
         graph: record a CUDA graph (default: when the index is on a CUDA device). False runs
             the same launches eagerly at every call (the body of the graph; used on the CPU
             under Triton's interpreter and for debugging).
-        stages: profiling only: record the first ``stages`` launches (0-3) of the step;
-            outputs of the launches left out are stale.
+        stages, tuning: profiling only: record the first ``stages`` launches (0-3) of the
+            step (outputs of the launches left out are stale); launch overrides per kernel
+            ({"filter": {"num_splits": ...}, "attention": {...}}).
     """
 
     def __init__(self, index: LouverIndex, policy: Policy, num_q_heads: int,
                  q_dtype: torch.dtype | None = None, graph: bool | None = None,
-                 stages: int = 3) -> None:
+                 stages: int = 3, tuning: dict[str, dict[str, int]] | None = None) -> None:
         if not index.uses_triton:
             raise ValueError("CapturedStep needs an index with backend='triton' (QUANT)")
         if num_q_heads < 1 or num_q_heads % index.num_kv_heads:
@@ -364,6 +380,7 @@ class CapturedStep:
             raise ValueError("a CUDA graph needs an index on a CUDA device")
         self.use_graph = use_graph
         self.stages = stages
+        self.tuning = tuning
         self.counts = index.device_counters()
         dev, hq = index.device, num_q_heads
         self.q = torch.zeros(hq, index.head_dim, dtype=self.q_dtype, device=dev)
@@ -390,7 +407,7 @@ class CapturedStep:
         assert self._sc is not None
         _run(self.index, self.q, self.mode, self.tau_off, self.tau_in, self._sc, self.tau,
              self.bad, self.out, self.lse, self.num_att, self.dropped, self.num_cand,
-             self.counts, self.stages)
+             self.counts, self.stages, self.tuning)
 
     def _capture(self) -> None:
         index = self.index

@@ -1,4 +1,5 @@
-"""Candidate filter over a QUANT index (bit-plane codes): sound bounds, compaction, certificate.
+"""Candidate filter over a QUANT index (packed codes, int8 tensor cores): sound bounds,
+compaction, certificate.
 
 One launch computes, for every KV head kh (query heads h = kh * G .. kh * G + G - 1) and every
 indexed key n < num_indexed:
@@ -26,80 +27,49 @@ on ``reference.quant_bound`` / ``reference.quant_slack`` (``LouverIndex.bounds``
 
 The bounds
 ----------
-The kernel evaluates exactly the bound expressions of reference.py (same terms; only the
-float32 summation order differs, which the slack covers: see reference.py's module docstring).
-Let s = bits - coarse_bits, S = 2^s, H = (S - 1) / 2 and qs_d = fl(q_d step_d) S (an exact
-power-of-two scaling of the reference's fl(q_d step_d); the reference's coarse factor
-fl(q_d (step_d S)) is the same float). A code splits as c = S c1 + u (c1: the top planes, u:
-the remaining s planes, 0 <= u < S):
+The kernel evaluates the bound expressions of reference.quant_bound: the dot with the codes is
+the same exact integer dot (reference.quant_query_int: per segment and head, sigma qi_d >=
+fl(q_d step_d) with sigma a power of two and |qi_d| <= 2^14), computed on int8 tensor cores as
+two products, 256 (c . qh) + (c . ql) with qi = 256 qh + ql (qh in [-64, 64], ql in
+[-128, 127]), exact in int32 and rounded once to float32; the coarse stage uses the top field
+t = c >> s with scale sigma 2^s. The per-segment constants (sum_d q_d (lo_d + step_d H) +
+(sum_d |q_d| step_d) H for the coarse bound, sum_d q_d lo_d for the full one) and the residual
+terms sum_g ||q_g|| e_g are float32 sums of the reference's terms in another order, which the
+slack covers (reference.py's QUANT comment).
 
-    coarse = sum_d qs_d c1_d + sum_g ||q_g|| e_g + [sum_d q_d (lo_d + step_d H)
-             + (sum_d |q_d| step_d) H] + slack
-    full   = sum_d qs_d c1_d + sum_d qs_d (u_d / S) + sum_g ||q_g|| e_g + sum_d q_d lo_d + slack
-
-The real value of sum_d qs_d c1_d + sum_d qs_d (u_d / S) is the reference's
-sum_d fl(q_d step_d) c_d; each dot term of the reference becomes two products with the same two
-rounded factors (u_d / S is exact), so the full bound is a float32 sum of 3D + G terms with at
-most three rounded factors each: the count the slack of reference.quant_slack is proven for
-(3D + 2G + 8). The coarse bound has the reference's terms one for one. The per-channel constant
-terms are accumulated by each thread together with its dot-product terms and reduced with them
-(another summation order of the same terms). lo and step are those of the key's segment. Both
-stages read the residual norms e (the coarse bound needs them); no per-head maximum of ||e|| is
-used, so the coarse bound is the reference's function, never a looser one.
-
-Bit unpacking
--------------
-Plane j holds bit (bits - 1 - j) of every code; channel 8i + k is bit k of byte i. For a chunk
-of m <= 4 planes j0 .. j0 + m - 1 the kernel forms, per byte i, the word
-W = sum_t B_{j0+t} << 8t (and W' = W << 4 once), then per channel k, with k' = k + 4 and the
-source W' when k < 4 (bit k of every byte of W sits at bit k' of the byte in W'), else k' = k
-and the source W:
-
-    x = src & (0x01010101 << k')          bit t of the chunk's code sits at bit 8t + k'
-    c = umulhi(x, MUL) & (2^m - 1)        MUL = sum_t 2^(31 + m - 9t - k') < 2^32
-
-(umulhi: bits 32..63 of the 64-bit product). The product of bit t with the term t of MUL lands
-at 32 + (m - 1 - t): the code, most significant plane highest, at bits 0..m-1 of the high word;
-every cross product (bit i, term t != i) lies at 32 + (m - 1 - t) + 8(i - t), outside
-[32, 32 + m), and the m^2 products are distinct powers of two, so no carry reaches the code.
-k' >= 4 >= m keeps every exponent in [0, 31]. Three integer operations per channel and chunk
-(AND, IMAD.HI, AND). The integer code (< 2^8) becomes a float with one OR and one subtraction:
-bitcast(c | bits(2^23)) - 2^23 = c exactly; with the exponent of 2^(23 - s) instead, the same
-two operations give u / S exactly. (Checked in the tests: exhaustively for m <= 2.)
+Code layout
+-----------
+codes[kh, n] is one record of D * bits / 8 bytes (reference.pack_codes): the coarse field (top
+CB bits of every channel, 8 / CB channels per byte, channel (8 / CB) i + j at bits CB j of byte
+i), then the fine field (the low FB = bits - CB bits, likewise). A field is expanded to one value
+per channel with shifts, masks and tl.join (one AND or shift per value), so the integer codes go
+straight into the dot.
 
 Work decomposition
 ------------------
 Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work items of KV head
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
-tensor. Per segment it forms the scaled query slices and constants from the segment's lo/step;
-per block it loads the coarse planes and the
-residual norms once for all G query heads (GQA), computes the G coarse bounds, and, only when
-some key of the block survives, loads the remaining planes of the survivors (masked loads move
-no bytes for the other rows) and computes the full bounds. Tiles are [T, BLOCK_N, V]: each
-thread owns V bytes (8V channels) of T threads per key row, so it holds the 8V-channel slices of
-the G scaled queries in registers and a dot product reduces within the thread, then across the
-T threads of the row.
+tensor. Per segment the program forms the integer query [D, NQ] (the G heads of the group as
+columns, NQ >= 16 for the dot) and the per-head constants; per block it loads the coarse fields
+and the residual norms, computes the [BLOCK_N, NQ] coarse bounds (two int8 dots), and, only when
+some key of the block survives, loads the fine fields of the survivors (masked loads move no
+bytes for the other rows) and computes the full bounds (two more dots).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
 ordered by the ticket below), write positions at offset + exclusive cumsum.
 
-pruned_lse: per program, an online logsumexp per query head (state per row lane, merged at the
-end of the program) -> a partial (max, sum) per (program, head) in a workspace. Each program
-then takes a ticket on a per-KV-head arrival counter (acq_rel, after a CTA barrier); the last
-arrival merges the num_splits partials of its KV head, writes pruned_lse and cand_count (read
-from the slot counter with an exchange that resets it to zero) and resets the ticket. So:
-one launch, no memset, no host synchronization; the counters live in a cached per-(device,
-stream) buffer that is zero at creation and left zero by every launch (launches on one stream
-are ordered; launches on different streams use different counters). cand_count and pruned_lse
-are written by every launch, cand_pos up to cand_count: no pre-zeroing contract for the caller.
-
-Measured (H200, benchmarks/bench_filter_gpu.py): 4-7 G keys/s per KV head, about 0.4-0.5 TB/s
-of index bytes: the kernel is bound by instruction issue and latency (~57 warp instructions per
-key and KV head for D=64, G=3; 168-255 registers, so 2-3 programs per SM; per-block barriers and
-a returning atomic), not by memory. With these keys 20-78 % of them survive the coarse stage, so
-nearly every block runs both stages.
+pruned_lse: per program, an online logsumexp per query head over the non-candidates -> a partial
+(max, sum) per (program, head) in a workspace. Each program then takes a ticket on a
+per-KV-head arrival counter (acq_rel, after a CTA barrier); the last arrival merges the
+num_splits partials of its KV head (all heads at once, one pass), writes pruned_lse and
+cand_count (read from the slot counter with an exchange that resets it to zero) and resets the
+ticket. So: one launch, no memset, no host synchronization; the counters live in a cached
+per-(device, stream) buffer that is zero at creation and left zero by every launch (launches on
+one stream are ordered; launches on different streams use different counters). cand_count and
+pruned_lse are written by every launch, cand_pos up to cand_count: no pre-zeroing contract for
+the caller.
 """
 
 from __future__ import annotations
@@ -140,59 +110,46 @@ def _load_n(ptr, value, ON_DEVICE: tl.constexpr):
 
 
 @triton.jit
-def _chunk_word(row_ptr, mask, J0: tl.constexpr, M: tl.constexpr, stride_p):
-    """uint32 word per byte: plane J0 + t in byte t (t < M); rows masked off read 0."""
-    w = tl.load(row_ptr + J0 * stride_p, mask=mask, other=0).to(tl.uint32)
-    for t in tl.static_range(1, M):
-        b = tl.load(row_ptr + (J0 + t) * stride_p, mask=mask, other=0).to(tl.uint32)
-        w = w | (b << (8 * t))
-    return w
-
-
-@triton.jit
-def _mulhi_const(M: tl.constexpr, K2: tl.constexpr):
-    """uint32 sum_{t < M} 2^(31 + M - 9t - K2) (see _chunk_code)."""
-    mul = tl.full([], 1 << (31 + M - K2), tl.uint32)
-    for t in tl.static_range(1, M):
-        mul = mul | (1 << (31 + M - 9 * t - K2))
-    return mul
-
-
-@triton.jit
-def _chunk_code(w, w4, K: tl.constexpr, M: tl.constexpr):
-    """The M-bit code of channel bit K of every byte of ``w`` (w4 = w << 4), uint32."""
-    if K < 4:
-        hi = tl.umulhi(w4 & (0x01010101 << (K + 4)), _mulhi_const(M, K + 4))
+def _expand(b, W: tl.constexpr, BN: tl.constexpr, NBYTES: tl.constexpr):
+    """Field bytes uint8 [BN, NBYTES] -> the values [BN, NBYTES * 8 / W] in channel order
+    (value j of byte i = bits W j .. W j + W - 1, channel (8 / W) i + j)."""
+    if W == 8:
+        return b
+    elif W == 4:
+        return tl.reshape(tl.join(b & 15, b >> 4), [BN, NBYTES * 2])
+    elif W == 2:
+        v = tl.join(tl.join(b & 3, (b >> 4) & 3), tl.join((b >> 2) & 3, b >> 6))
+        return tl.reshape(v, [BN, NBYTES * 4])
     else:
-        hi = tl.umulhi(w & (0x01010101 << K), _mulhi_const(M, K))
-    return hi & ((1 << M) - 1)
+        lo = tl.join(tl.join(b & 1, (b >> 4) & 1), tl.join((b >> 2) & 1, (b >> 6) & 1))
+        hi = tl.join(tl.join((b >> 1) & 1, (b >> 5) & 1), tl.join((b >> 3) & 1, b >> 7))
+        return tl.reshape(tl.join(lo, hi), [BN, NBYTES * 8])
 
 
 @triton.jit
-@no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
+def _int_dot(c, qh, ql):
+    """Exact sum_d c_d (256 qh_d + ql_d) per row and column, int32 (two int8 dots)."""
+    ah = tl.dot(c, qh, out_dtype=tl.int32)
+    al = tl.dot(c, ql, out_dtype=tl.int32)
+    return ah * 256 + al
+
+
+@triton.jit
+@no_type_check  # Triton code: tuples grow per residual group, which mypy cannot follow
 def _quant_filter_kernel(
-    q_ptr, planes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
+    q_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
     cand_pos_ptr, cand_count_ptr, pruned_lse_ptr, ws_ptr, counter_ptr,
-    n_value, cap_out, seg_size, num_splits, scale_log2, magic_bits, fine_bits,
-    stride_qh, stride_ph, stride_pn, stride_pp, stride_eh, stride_en, stride_lh, stride_ls,
-    stride_ch,
-    G: tl.constexpr, NB: tl.constexpr, NBP: tl.constexpr, V: tl.constexpr, T: tl.constexpr,
-    NG: tl.constexpr, NGT: tl.constexpr, GRP: tl.constexpr, GRPP: tl.constexpr,
-    BLOCK_N: tl.constexpr, R: tl.constexpr,
-    CM0: tl.constexpr, CM1: tl.constexpr, FM0: tl.constexpr, FM1: tl.constexpr,
-    SHIFT: tl.constexpr, HALF: tl.constexpr, FINE_MAGIC: tl.constexpr,
+    n_value, cap_out, seg_size, num_splits, scale_log2,
+    stride_qh, stride_kh, stride_kn, stride_eh, stride_en, stride_lh, stride_ls, stride_ch,
+    G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NG: tl.constexpr, GRP: tl.constexpr,
+    CB: tl.constexpr, FB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
 ):
     split = tl.program_id(0)
     kh = tl.program_id(1)
-    NR: tl.constexpr = BLOCK_N // R
-    PC: tl.constexpr = CM0 + CM1           # coarse planes
-    FINE: tl.constexpr = FM0 > 0           # planes left for the full bound
-    MAGIC: tl.constexpr = 8388608.0        # 2^23
-    # magic_bits = bits of 2^23, fine_bits = bits of 2^(23 - s): runtime values, so that the
-    # compiler keeps them in registers and fuses (code & mask) | magic into one LOP3
-    magic_bits = magic_bits.to(tl.uint32)
-    fine_bits = fine_bits.to(tl.uint32)
+    NBC: tl.constexpr = D * CB // 8        # bytes of the coarse field
+    NBF: tl.constexpr = D * FB // 8        # bytes of the fine field
+    SHIFT: tl.constexpr = 1 << FB
 
     # ---- this program's work: items (segment s, chunk c of BLOCK_N keys of the segment) ----
     n = _load_n(n_ptr, n_value, N_ON_DEVICE)
@@ -207,73 +164,50 @@ def _quant_filter_kernel(
     item_lo = split * per_split
     item_hi = tl.minimum(item_lo + per_split, n_items)
 
-    # ---- loop-invariant per-head data ----
-    # tile coordinates: byte i = t * V + v of a plane row (channels 8i .. 8i + 7)
-    offs_t = tl.arange(0, T)
-    offs_v = tl.arange(0, V)
-    tv = offs_t[:, None] * V + offs_v[None, :]                      # [T, V]
-    byte_ok = tv < NB
-    byte3 = tv[:, None, :]                                          # [T, 1, V]
-    byte_ok3 = byte_ok[:, None, :]
-    offs_gp = tl.arange(0, GRPP)
-    qn = ()        # per head, per err tile: [T, 1, V] ||q_g|| at group g = c NBP + tV + v
-    taus = ()
-    slacks = ()
-    ms = ()        # per-lane online logsumexp state (log2 units) per head, [R] lanes
-    ss = ()
-    for g in tl.static_range(G):
-        h = kh * G + g
-        qn_g = ()
-        for ct in tl.static_range(NGT):
-            qgrp = ct * NBP + tv                                        # [T, V]
-            qgrp_ok = qgrp < NG
-            qg = tl.load(q_ptr + h * stride_qh + qgrp[:, :, None] * GRP + offs_gp[None, None, :],
-                         mask=qgrp_ok[:, :, None] & (offs_gp < GRP)[None, None, :],
-                         other=0.0).to(tl.float32)
-            qn_g = qn_g + (tl.sqrt(tl.sum(qg * qg, axis=2))[:, None, :],)
-        qn = qn + (qn_g,)
-        taus = taus + (tl.load(tau_ptr + h),)
-        slacks = slacks + (tl.load(slack_ptr + h),)
-        ms = ms + (tl.full([R], float("-inf"), tl.float32),)
-        ss = ss + (tl.zeros([R], tl.float32),)
+    # ---- loop-invariant per-head data: q as [D, NQ] (channels x heads of the group) ----
+    offs_d = tl.arange(0, D)
+    offs_q = tl.arange(0, NQ)
+    q_ok = offs_q < G
+    heads = kh * G + offs_q
+    qt = tl.load(q_ptr + heads[None, :] * stride_qh + offs_d[:, None], mask=q_ok[None, :],
+                 other=0.0).to(tl.float32)                                      # [D, NQ]
+    qsq = qt * qt
+    grp = offs_d // GRP
+    qns = ()       # ||q_g|| per group, [NQ]
+    for gi in tl.static_range(NG):
+        qns = qns + (tl.sqrt(tl.sum(tl.where((grp == gi)[:, None], qsq, 0.0), axis=0)),)
+    tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
+    slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
+    m_run = tl.full([NQ], float("-inf"), tl.float32)
+    s_run = tl.zeros([NQ], tl.float32)
 
-    p_base = planes_ptr + kh.to(tl.int64) * stride_ph
+    k_base = codes_ptr + kh.to(tl.int64) * stride_kh
     e_base = err_ptr + kh.to(tl.int64) * stride_eh
     c_base = cand_pos_ptr + kh.to(tl.int64) * stride_ch
     offs_n = tl.arange(0, BLOCK_N)
+    offs_bc = tl.arange(0, NBC)
 
     s = item_lo // cps
     s_end = tl.cdiv(item_hi, cps)
     while s < s_end:
-        # ---- per segment: scaled query slices and per-thread partial constants, per head ----
-        # qs[g][k] [T, 1, V] = fl(q step) S at channel 8 (tV + v) + k; cc[g] / fc[g] [T, 1, V]:
-        # this thread's channels' share of the coarse constant sum q (lo + step H) + |q| step H
-        # and of the full constant sum q lo (summed with the dot products: any order is sound)
-        r_base = lo_ptr + kh.to(tl.int64) * stride_lh + s.to(tl.int64) * stride_ls
-        s_base = step_ptr + kh.to(tl.int64) * stride_lh + s.to(tl.int64) * stride_ls
-        qs = ()
-        cc = ()
-        fc = ()
-        for _g in tl.static_range(G):
-            qs = qs + ((),)
-            cc = cc + (tl.zeros([T, 1, V], tl.float32),)
-            fc = fc + (tl.zeros([T, 1, V], tl.float32),)
-        for k in tl.static_range(8):
-            ch = byte3 * 8 + k
-            st = tl.load(s_base + ch, mask=byte_ok3, other=0.0)
-            lo = tl.load(r_base + ch, mask=byte_ok3, other=0.0)
-            new_qs = ()
-            new_cc = ()
-            new_fc = ()
-            for g in tl.static_range(G):
-                qv = tl.load(q_ptr + (kh * G + g) * stride_qh + ch, mask=byte_ok3,
-                             other=0.0).to(tl.float32)
-                new_qs = new_qs + (qs[g] + (((qv * st) * SHIFT),),)
-                new_cc = new_cc + (cc[g] + (qv * (lo + st * HALF) + (tl.abs(qv) * st) * HALF),)
-                new_fc = new_fc + (fc[g] + qv * lo,)
-            qs = new_qs
-            cc = new_cc
-            fc = new_fc
+        # ---- per segment: the integer query (reference.quant_query_int) and constants ----
+        r_off = kh.to(tl.int64) * stride_lh + s.to(tl.int64) * stride_ls
+        st = tl.load(step_ptr + r_off + offs_d)
+        lo = tl.load(lo_ptr + r_off + offs_d)
+        qstep = qt * st[:, None]                                                # fl(q step)
+        amax = tl.max(tl.abs(qstep), axis=0)
+        ex = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 13, 1)
+        sigma = (ex << 23).to(tl.float32, bitcast=True)
+        inv = ((254 - ex) << 23).to(tl.float32, bitcast=True)
+        qi = tl.ceil(qstep * inv[None, :]).to(tl.int32)
+        qi = tl.where(qstep > 0.0, tl.maximum(qi, 1), qi)
+        qhi = (qi + 128) >> 8
+        qh8 = qhi.to(tl.int8)
+        ql8 = (qi - qhi * 256).to(tl.int8)
+        cc = (tl.sum(qt * (lo + st * HALF)[:, None], axis=0)
+              + tl.sum(tl.abs(qt) * st[:, None], axis=0) * HALF)                # coarse
+        fc = tl.sum(qt * lo[:, None], axis=0)                                   # full
+        sig_c = sigma * SHIFT
 
         c = tl.maximum(item_lo - s * cps, 0)
         c_hi = tl.minimum(item_hi - s * cps, cps)
@@ -282,90 +216,46 @@ def _quant_filter_kernel(
             rows = s * seg + in_seg
             valid = (in_seg < seg) & (rows < n)
             rows64 = rows.to(tl.int64)
-            vmask = valid[None, :, None] & byte_ok3
-            prow = p_base + rows64[None, :, None] * stride_pn + byte3   # [T, BLOCK_N, V] ptrs
+            krow = k_base + rows64[:, None] * stride_kn
 
-            # ---- coarse stage: residual norms + top planes, all G heads ----
-            accs = ()
-            for _g in tl.static_range(G):
-                accs = accs + (tl.zeros([T, BLOCK_N, V], tl.float32),)
-            for ct in tl.static_range(NGT):
-                egrp = ct * NBP + byte3
-                e = tl.load(e_base + rows64[None, :, None] * stride_en + egrp,
-                            mask=valid[None, :, None] & (egrp < NG), other=0.0).to(tl.float32)
-                new_accs = ()
-                for g in tl.static_range(G):
-                    new_accs = new_accs + (accs[g] + e * qn[g][ct],)
-                accs = new_accs
-            w0 = _chunk_word(prow, vmask, 0, CM0, stride_pp)
-            w0s = w0 << 4
-            if CM1 > 0:
-                w1 = _chunk_word(prow, vmask, CM0, CM1, stride_pp)
-                w1s = w1 << 4
-            for k in tl.static_range(8):
-                code = _chunk_code(w0, w0s, k, CM0)
-                if CM1 > 0:
-                    code = (code << CM1) | _chunk_code(w1, w1s, k, CM1)
-                f = (code | magic_bits).to(tl.float32, bitcast=True) - MAGIC
-                new_accs = ()
-                for g in tl.static_range(G):
-                    new_accs = new_accs + (accs[g] + f * qs[g][k],)
-                accs = new_accs
-            coarse = ()
-            surv = valid & False
-            for g in tl.static_range(G):
-                b = tl.sum(tl.sum(accs[g] + cc[g], axis=2), axis=0) + slacks[g]  # [BLOCK_N]
-                coarse = coarse + (b,)
-                surv = surv | (b >= taus[g])
-            surv = surv & valid
+            # ---- coarse stage: residual terms + coarse field, all heads ----
+            et = tl.zeros([BLOCK_N, NQ], tl.float32)
+            for gi in tl.static_range(NG):
+                e_g = tl.load(e_base + rows64 * stride_en + gi, mask=valid,
+                              other=0.0).to(tl.float32)
+                et += e_g[:, None] * qns[gi][None, :]
+            hb = tl.load(krow + offs_bc[None, :], mask=valid[:, None], other=0)
+            t = _expand(hb, CB, BLOCK_N, NBC)                                   # [BN, D]
+            a = _int_dot(t.to(tl.int8), qh8, ql8)
+            coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
+            hit = (coarse >= tau[None, :]) & q_ok[None, :]
+            surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
 
-            # ---- fine stage: remaining planes of the survivors ----
-            if FINE:
-                fulls = coarse
+            # ---- fine stage: the low field of the survivors, full bound ----
+            if FB > 0:
+                full = coarse
                 if tl.max(surv.to(tl.int32), axis=0) > 0:
-                    smask = surv[None, :, None] & byte_ok3
-                    x0 = _chunk_word(prow, smask, PC, FM0, stride_pp)
-                    x0s = x0 << 4
-                    if FM1 > 0:
-                        x1 = _chunk_word(prow, smask, PC + FM0, FM1, stride_pp)
-                        x1s = x1 << 4
-                    for k in tl.static_range(8):
-                        code = _chunk_code(x0, x0s, k, FM0)
-                        if FM1 > 0:
-                            code = (code << FM1) | _chunk_code(x1, x1s, k, FM1)
-                        f = (code | fine_bits).to(tl.float32, bitcast=True) - FINE_MAGIC  # u/S
-                        new_accs = ()
-                        for g in tl.static_range(G):
-                            new_accs = new_accs + (accs[g] + f * qs[g][k],)
-                        accs = new_accs
-                    fulls = ()
-                    for g in tl.static_range(G):
-                        fulls = fulls + (tl.sum(tl.sum(accs[g] + fc[g], axis=2), axis=0)
-                                         + slacks[g],)
-                cand = surv & False
-                bnds = ()
-                for g in tl.static_range(G):
-                    cand = cand | (surv & (fulls[g] >= taus[g]))
-                    bnds = bnds + (tl.where(surv, fulls[g], coarse[g]),)
+                    offs_bf = tl.arange(0, NBF)
+                    lb = tl.load(krow + NBC + offs_bf[None, :], mask=surv[:, None], other=0)
+                    u = _expand(lb, FB, BLOCK_N, NBF)
+                    code = ((t << FB) | u).to(tl.int8)
+                    a2 = _int_dot(code, qh8, ql8)
+                    full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) \
+                        + slack[None, :]
+                hit_f = (full >= tau[None, :]) & q_ok[None, :]
+                cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
+                bnd = tl.where(surv[:, None], full, coarse)
             else:
                 cand = surv
-                bnds = coarse
+                bnd = coarse
 
             # ---- certificate: online logsumexp of scale * bound over non-candidates ----
             pruned = valid & (~cand)
-            new_ms = ()
-            new_ss = ()
-            for g in tl.static_range(G):
-                x = tl.where(pruned, bnds[g] * scale_log2, float("-inf"))
-                x2 = tl.reshape(x, [NR, R])
-                m_new = tl.maximum(ms[g], tl.max(x2, axis=0))             # [R]
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(ms[g] - m_use)
-                p = tl.exp2(x2 - m_use[None, :])                          # 0 where not pruned
-                new_ss = new_ss + (ss[g] * alpha + tl.sum(p, axis=0),)
-                new_ms = new_ms + (m_new,)
-            ms = new_ms
-            ss = new_ss
+            x = tl.where(pruned[:, None] & q_ok[None, :], bnd * scale_log2, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(x, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_run = s_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(x - m_use[None, :]), axis=0)
+            m_run = m_new
 
             # ---- compaction: one atomic per block reserves the block's slot range ----
             ci = cand.to(tl.int32)
@@ -379,41 +269,34 @@ def _quant_filter_kernel(
 
     # ---- publish this program's partial (max, sum) per head ----
     slot_ws = (kh * num_splits + split) * 2 * G
-    for g in tl.static_range(G):
-        m_g = tl.max(ms[g], axis=0)
-        m_ref = tl.where(m_g == float("-inf"), 0.0, m_g)
-        tl.store(ws_ptr + slot_ws + g, m_g)
-        tl.store(ws_ptr + slot_ws + G + g, tl.sum(ss[g] * tl.exp2(ms[g] - m_ref), axis=0))
+    tl.store(ws_ptr + slot_ws + offs_q, m_run, mask=q_ok)         # s_run is relative to m_run
+    tl.store(ws_ptr + slot_ws + G + offs_q, s_run, mask=q_ok)
 
     # every thread's stores and slot reservations are ordered before the ticket
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + tl.num_programs(1) + kh, 1, sem="acq_rel", scope="gpu")
     if ticket == num_splits - 1:
+        # last arrival: merge the partials of all heads at once, SPLIT_CHUNK splits per load
+        # (one pass with an online max; one step for the launcher's default split counts)
         offs_s = tl.arange(0, SPLIT_CHUNK)
-        for g in tl.static_range(G):
-            m_tot = tl.max(tl.full([SPLIT_CHUNK], float("-inf"), tl.float32), axis=0)
-            s0 = 0
-            while s0 < num_splits:
-                sp = s0 + offs_s
-                m_s = tl.load(ws_ptr + (kh * num_splits + sp) * 2 * G + g,
-                              mask=sp < num_splits, other=float("-inf"), cache_modifier=".cg")
-                m_tot = tl.maximum(m_tot, tl.max(m_s, axis=0))
-                s0 += SPLIT_CHUNK
-            m_ref = tl.where(m_tot == float("-inf"), 0.0, m_tot)
-            s_tot = tl.sum(tl.zeros([SPLIT_CHUNK], tl.float32), axis=0)
-            s0 = 0
-            while s0 < num_splits:
-                sp = s0 + offs_s
-                ok = sp < num_splits
-                wsl = (kh * num_splits + sp) * 2 * G
-                m_s = tl.load(ws_ptr + wsl + g, mask=ok, other=float("-inf"),
-                              cache_modifier=".cg")
-                s_s = tl.load(ws_ptr + wsl + G + g, mask=ok, other=0.0, cache_modifier=".cg")
-                s_tot += tl.sum(s_s * tl.exp2(m_s - m_ref), axis=0)
-                s0 += SPLIT_CHUNK
-            has = s_tot > 0.0
-            lse = (m_tot + tl.log2(tl.where(has, s_tot, 1.0))) * 0.6931471805599453
-            tl.store(pruned_lse_ptr + kh * G + g, tl.where(has, lse, float("-inf")))
+        m_tot = tl.full([NQ], float("-inf"), tl.float32)
+        s_tot = tl.zeros([NQ], tl.float32)
+        s0 = 0
+        while s0 < num_splits:
+            sp = s0 + offs_s
+            msk = (sp < num_splits)[:, None] & q_ok[None, :]                 # [SC, NQ]
+            wsl = ((kh * num_splits + sp) * 2 * G)[:, None] + offs_q[None, :]
+            m_s = tl.load(ws_ptr + wsl, mask=msk, other=float("-inf"), cache_modifier=".cg")
+            s_s = tl.load(ws_ptr + wsl + G, mask=msk, other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s_tot = (s_tot * tl.exp2(m_tot - m_use)
+                     + tl.sum(s_s * tl.exp2(m_s - m_use[None, :]), axis=0))
+            m_tot = m_new
+            s0 += SPLIT_CHUNK
+        has = s_tot > 0.0
+        lse = (m_tot + tl.log2(tl.where(has, s_tot, 1.0))) * 0.6931471805599453
+        tl.store(pruned_lse_ptr + heads, tl.where(has, lse, float("-inf")), mask=q_ok)
         total = tl.atomic_xchg(counter_ptr + kh, 0, sem="acq_rel", scope="gpu")
         tl.store(cand_count_ptr + kh, tl.minimum(total, cap_out))
         # leave the ticket at zero for the next launch on this stream
@@ -427,25 +310,13 @@ def _quant_filter_kernel(
 _COUNTERS = CounterPool()  # per KV head: slot counters [0, Hkv), arrival tickets [Hkv, 2 Hkv)
 
 
-def _chunks(count: int) -> tuple[int, int]:
-    """Sizes of the (at most two) chunks of at most 4 planes that cover ``count`` planes."""
-    return min(4, count), max(0, count - 4)
-
-
-def _tile(nbp: int, g: int, num_warps: int, block_n: int | None, seg: int | None
-          ) -> tuple[int, int, int, int]:
-    """(V, T, R, BLOCK_N): V bytes (8V channels) per thread, T threads per key row, R rows per
-    CTA tile, BLOCK_N rows per block (at most a segment, rounded up to R). V keeps the G query
-    slices in <= 64 registers."""
-    v = max(1, min(nbp, 8 // max(g, 1)))
-    v = max(v, nbp // 32)
-    t = nbp // v
-    r = (32 // t) * num_warps
+def _block_n(block_n: int | None, seg: int | None) -> int:
+    """Keys per block: at most a segment (>= 16 for the dot), 128 by default."""
     if block_n is None:
-        block_n = max(r, 128 if seg is None else min(128, next_pow2(seg)))
-    if block_n % r:
-        raise ValueError(f"block_n={block_n} must be a multiple of {r}")
-    return v, t, r, block_n
+        return 128 if seg is None else max(16, min(128, next_pow2(seg)))
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
+    return block_n
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -479,7 +350,7 @@ def _check_int(name: str, value: object, lo: int, hi: int) -> int:
 
 def quant_filter(
     q: torch.Tensor,
-    planes: torch.Tensor,
+    codes: torch.Tensor,
     err: torch.Tensor,
     lo: torch.Tensor,
     step: torch.Tensor,
@@ -504,9 +375,8 @@ def quant_filter(
     Args:
         q: [Hq, D] float16 / bfloat16 / float32, last dim contiguous; Hq = G * Hkv and query
             head h reads KV head h // G. D % 8 == 0.
-        planes: uint8 [Hkv, cap, bits, D/8] bit planes (most significant first; channel
-            8i + k is bit k of byte i), last dim contiguous (other strides free, e.g. a
-            plane-major view). Rows >= num_indexed are never read.
+        codes: uint8 [Hkv, cap, D * bits / 8] code records (reference.pack_codes), last dim
+            contiguous. Rows >= num_indexed are never read.
         err: float16 [Hkv, cap, D/group] residual norms, last dim contiguous.
         lo, step: float32 affine ranges, last dim contiguous: [Hkv, D] (one range per KV
             head and channel) or [Hkv, S, D] per segment of ``segment_size`` keys (key n uses
@@ -520,8 +390,9 @@ def quant_filter(
             int32/int64 tensor on q's device (read by the kernel and clamped to [0, cap]; the
             grid then covers cap, so one launch can be captured in a CUDA graph and replayed
             at every decode step).
-        bits: code bits (planes.shape[2]), 1..8; coarse_bits: planes of the coarse stage,
-            1..bits (== bits: one stage); group: channels per residual-norm group (divides D).
+        bits: code bits, coarse_bits: bits of the coarse stage (reference.code_fields: coarse
+            in {1, 2, 4}, bits - coarse in {0, 1, 2, 4}, bits <= 7; bits == coarse: one
+            stage); group: channels per residual-norm group (divides D).
         scale: softmax scale (finite, > 0) applied to the bounds in pruned_lse.
         segment_size: keys per range segment (LouverIndex: config.buffer_size); required
             with 3-D lo/step, must be None with 2-D ones.
@@ -541,7 +412,7 @@ def quant_filter(
     Raises:
         ValueError: on any shape, dtype, device, layout or range problem of the arguments.
     """
-    for name, t in (("q", q), ("planes", planes), ("err", err), ("lo", lo), ("step", step),
+    for name, t in (("q", q), ("codes", codes), ("err", err), ("lo", lo), ("step", step),
                     ("slack", slack), ("tau", tau)):
         _check_tensor(name, t)
     if q.dim() != 2:
@@ -554,25 +425,27 @@ def quant_filter(
         raise ValueError(f"head dim D={d} must be a positive multiple of 8")
     if q.stride(1) != 1:
         raise ValueError("q must be contiguous in its last dimension")
-    for name, t in (("planes", planes), ("err", err), ("lo", lo), ("step", step),
+    for name, t in (("codes", codes), ("err", err), ("lo", lo), ("step", step),
                     ("slack", slack), ("tau", tau)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
     bits = _check_int("bits", bits, 1, 8)
     coarse_bits = _check_int("coarse_bits", coarse_bits, 1, bits)
+    cb, fb = ref.code_fields(bits, coarse_bits)
     group = _check_int("group", group, 1, d)
     if d % group:
         raise ValueError(f"group={group} must divide D={d}")
-    nb, ng = d // 8, d // group
-    if planes.dtype != torch.uint8 or planes.dim() != 4:
-        raise ValueError(f"planes must be uint8 [Hkv, cap, bits, D/8], got {planes.dtype} "
-                         f"{list(planes.shape)}")
-    hkv, cap = planes.shape[0], planes.shape[1]
-    if tuple(planes.shape[2:]) != (bits, nb):
-        raise ValueError(f"planes must be [Hkv, cap, bits={bits}, D/8={nb}], got "
-                         f"{list(planes.shape)}")
-    if planes.stride(3) != 1:
-        raise ValueError("planes must be contiguous in its last dimension")
+    if d < 32 or d > 512 or d & (d - 1):
+        raise ValueError(f"head dim D={d} must be a power of two in [32, 512]")
+    ng, rec = d // group, d * bits // 8
+    if codes.dtype != torch.uint8 or codes.dim() != 3:
+        raise ValueError(f"codes must be uint8 [Hkv, cap, D*bits/8], got {codes.dtype} "
+                         f"{list(codes.shape)}")
+    hkv, cap = codes.shape[0], codes.shape[1]
+    if codes.shape[2] != rec:
+        raise ValueError(f"codes must be [Hkv, cap, D*bits/8={rec}], got {list(codes.shape)}")
+    if codes.stride(2) != 1:
+        raise ValueError("codes must be contiguous in its last dimension")
     if hkv < 1 or hq < 1 or hq % hkv:
         raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
     g = hq // hkv
@@ -632,33 +505,27 @@ def quant_filter(
     cap_out = min(cap, cand_pos.shape[1])
 
     # ---- plan (host-known quantities only) ----
-    nbp = next_pow2(nb)
-    v, tpr, r, bn = _tile(nbp, g, num_warps, block_n, seg if segmented else None)
+    bn = _block_n(block_n, seg if segmented else None)
     if segmented:
         blocks_max = max(1, triton.cdiv(n_max, seg) * triton.cdiv(seg, bn))
     else:
         blocks_max = max(1, triton.cdiv(n_max, bn))
     if num_splits is None:
-        target = 8 * num_sms(device)
+        target = 2 * num_sms(device)
         num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
-    cm0, cm1 = _chunks(coarse_bits)
-    fm0, fm1 = _chunks(bits - coarse_bits)
-    s = bits - coarse_bits
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, 2 * hkv)
 
     _quant_filter_kernel[(num_splits, hkv)](
-        q, planes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
+        q, codes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
         cand_pos, cand_count, pruned_lse, ws, counters,
-        n_value, cap_out, seg, num_splits, float(scale) * _LOG2E, 0x4B000000, (150 - s) << 23,
-        q.stride(0), planes.stride(0), planes.stride(1), planes.stride(2),
-        err.stride(0), err.stride(1), stride_lh, stride_ls, cand_pos.stride(0),
-        G=g, NB=nb, NBP=nbp, V=v, T=tpr, NG=ng, NGT=triton.cdiv(ng, nbp), GRP=group,
-        GRPP=next_pow2(group), BLOCK_N=bn, R=r,
-        CM0=cm0, CM1=cm1, FM0=fm0, FM1=fm1,
-        SHIFT=float(1 << s), HALF=((1 << s) - 1) / 2.0,
-        FINE_MAGIC=float(2.0 ** (23 - s)),
-        SPLIT_CHUNK=16, N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,
+        n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
+        q.stride(0), codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
+        stride_lh, stride_ls, cand_pos.stride(0),
+        G=g, D=d, NQ=max(16, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
+        HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
+        SPLIT_CHUNK=min(next_pow2(num_splits), 512),
+        N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,
         num_warps=num_warps, num_stages=1,
     )
     return cand_pos, cand_count, pruned_lse
@@ -670,7 +537,7 @@ def quant_filter(
 
 
 def quant_filter_reference(
-    q: torch.Tensor, planes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
+    q: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
     step: torch.Tensor, slack: torch.Tensor, tau: torch.Tensor, *, num_indexed: int, bits: int,
     coarse_bits: int, scale: float, segment_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -682,13 +549,13 @@ def quant_filter_reference(
         [Hkv, num_indexed], and pruned_lse float32 [Hq] (-inf where nothing is pruned).
     """
     hq = q.shape[0]
-    hkv = planes.shape[0]
+    hkv = codes.shape[0]
     g = hq // hkv
     n = num_indexed
     if n == 0:
         empty = torch.zeros(hkv, 0, dtype=torch.bool, device=q.device)
         return empty, empty, torch.full((hq,), -math.inf, device=q.device)
-    codes = ref.unpack_planes(planes[:, :n], bits).to(torch.uint8)
+    full_codes = ref.unpack_codes(codes[:, :n], bits, coarse_bits).to(torch.uint8)
     e = err[:, :n]
     # one range per key (segments of one key), whatever the layout: the same function
     if lo.dim() == 2:
@@ -697,8 +564,8 @@ def quant_filter_reference(
     else:
         seg_of = torch.arange(n, device=q.device) // int(segment_size or 1)
         lo_k, step_k = lo[:, seg_of], step[:, seg_of]
-    coarse = ref.quant_bound(q, codes, e, lo_k, step_k, bits, coarse_bits) + slack[:, None]
-    full = ref.quant_bound(q, codes, e, lo_k, step_k, bits, None) + slack[:, None]
+    coarse = ref.quant_bound(q, full_codes, e, lo_k, step_k, bits, coarse_bits) + slack[:, None]
+    full = ref.quant_bound(q, full_codes, e, lo_k, step_k, bits, None) + slack[:, None]
     t = tau[:, None]
     surv = (coarse >= t).reshape(hkv, g, n).any(dim=1)
     cand = surv & (full >= t).reshape(hkv, g, n).any(dim=1)

@@ -245,7 +245,7 @@ def test_config_must_divide_head_dim() -> None:
 @given(bits=st.integers(2, 8), kind=st.sampled_from(KINDS), dtype=st.sampled_from(DTYPES),
        n=st.integers(1, 200), seed=st.integers(0, 2**31))
 def test_coarse_quant_bounds_are_sound_and_ordered(bits, kind, dtype, n, seed) -> None:
-    """The kernels' first pass reads only the top planes: its bound must be sound too, and
+    """The kernels' first pass reads only the top bits: its bound must be sound too, and
     never below the full bound (so skipping on it never drops a candidate)."""
     gen = torch.Generator().manual_seed(seed)
     keys = make_keys(kind, 2, n, 32, dtype, gen)
@@ -262,15 +262,20 @@ def test_coarse_quant_bounds_are_sound_and_ordered(bits, kind, dtype, n, seed) -
         assert bool((coarse >= full - 1e-3 * full.abs().clamp_min(1)).all()), top
 
 
-def test_bit_planes_roundtrip() -> None:
+def test_gpu_code_layout_roundtrip() -> None:
     gen = torch.Generator().manual_seed(3)
-    for bits in range(1, 9):
-        codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen).to(torch.uint8)
-        planes = ref.pack_planes(codes, bits)
-        assert planes.shape == (3, 5, bits, 8)
-        assert torch.equal(ref.unpack_planes(planes, bits), codes.int())
-        for top in range(1, bits + 1):
-            assert torch.equal(ref.unpack_planes(planes, bits, top), codes.int() >> (bits - top))
+    for bits in range(2, 8):
+        for coarse in (1, 2, 4):
+            if bits - coarse not in (0, 1, 2, 4):
+                with pytest.raises(ValueError, match="GPU code layout"):
+                    ref.code_fields(bits, coarse)
+                continue
+            codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen).to(torch.uint8)
+            packed = ref.pack_codes(codes, bits, coarse)
+            assert packed.shape == (3, 5, 8 * bits)
+            assert torch.equal(ref.unpack_codes(packed, bits, coarse), codes.int())
+            assert torch.equal(ref.unpack_codes(packed, bits, coarse, top=coarse),
+                               codes.int() >> (bits - coarse))
 
 
 @pytest.mark.parametrize("kind", list(IndexKind))

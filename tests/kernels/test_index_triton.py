@@ -72,15 +72,23 @@ def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group:
     for policy in (Relative(1e-2), Relative(1e-4), Dense(), Fixed(gaps)):
         want = t_idx.attend(q, policy)
         got = g_idx.attend(q.to(DEVICE), policy)
-        check_step(t_idx, s, want, got, policy, f"seed {seed} policy {policy}")
+        check_step(t_idx, q, s, want, got, policy, f"seed {seed} policy {policy}")
 
 
-def check_step(t_idx: LouverIndex, s: torch.Tensor, want: AttendOutput, got: AttendOutput,
-               policy: object, msg: str) -> None:
-    """The Triton step's output ``got`` against the torch backend's ``want`` (s: the exact
-    scores of every stored key)."""
-    torch.testing.assert_close(got.tau.cpu(), want.tau, msg=msg)
-    assert torch.equal(got.num_attended.cpu(), want.num_attended), msg
+def check_step(t_idx: LouverIndex, q: torch.Tensor, s: torch.Tensor, want: AttendOutput,
+               got: AttendOutput, policy: object, msg: str) -> None:
+    """The Triton step's output ``got`` against the torch backend's ``want`` for query q
+    (s: the exact scores of every stored key)."""
+    # tau comes from float32 probe scores, which the kernel sums in another order than torch:
+    # equal up to twice the rounding bound of a float32 dot (reference.py's docstring); keys
+    # whose score lies within that distance of tau may be attended by one side only
+    keys = t_idx.keys_range(0, t_idx.num_keys)[0]
+    tol = 2 * ref.gamma(q.shape[1]) * q.float().norm(dim=1) * keys.float().norm(dim=-1).max()
+    got_tau, want_tau = got.tau.cpu(), want.tau
+    same = (got_tau == want_tau) | ((got_tau - want_tau).abs() <= tol)
+    assert bool(same.all()), f"{msg}: tau {got_tau.tolist()} != {want_tau.tolist()}"
+    near = ((s - want_tau[:, None]).abs() <= 2 * tol[:, None]).sum(dim=1)
+    assert bool(((got.num_attended.cpu() - want.num_attended).abs() <= near).all()), msg
     torch.testing.assert_close(got.output.cpu(), want.output, rtol=1e-4, atol=1e-5,
                                msg=msg)
     torch.testing.assert_close(got.lse.cpu(), want.lse, rtol=1e-5, atol=1e-5, msg=msg)
@@ -155,7 +163,7 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
             got = step(q.to(DEVICE))
             assert not step.stale
             want = t_idx.attend(q, policy)
-            check_step(t_idx, s, want, got, policy, f"step {t} policy {policy}")
+            check_step(t_idx, q, s, want, got, policy, f"step {t} policy {policy}")
             got.raise_if_invalid()
             # the eager step agrees with the captured body
             eager = g_idx.attend(q.to(DEVICE), policy, validate=False)

@@ -32,7 +32,7 @@ import triton.language as tl  # noqa: E402
 from louver_kernels import IndexConfig, IndexKind, LouverIndex  # noqa: E402
 from louver_kernels import reference as ref  # noqa: E402
 from louver_kernels.triton.quant_filter import (  # noqa: E402
-    _chunk_code,
+    _expand,
     quant_filter,
     quant_filter_reference,
 )
@@ -68,7 +68,7 @@ class Case:
         self.bits, self.coarse, self.group, self.seg = bits, coarse, group, seg
         self.n = idx.num_indexed
         codes = idx._codes
-        self.planes = codes if idx._planar else ref.pack_planes(codes, bits)
+        self.planes = codes if idx._planar else ref.pack_codes(codes, bits, coarse)
         self.err, self.lo, self.step = idx._err, idx._lo, idx._step
         qkind = "random" if kind in ("single", "duplicates", "boundary") else kind
         self.q = make_keys(qkind, self.hq, 1, d, dtype, gen).reshape(self.hq, d).to(DEVICE)
@@ -188,51 +188,75 @@ def _tau_in_gap(bounds: torch.Tensor, frac: float) -> torch.Tensor:
 
 
 @triton.jit
-def _codes_kernel(w_ptr, out_ptr, n, M: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < n
-    w = tl.load(w_ptr + offs, mask=ok, other=0).to(tl.uint32)
-    ws = w << 4
-    for k in tl.static_range(8):
-        tl.store(out_ptr + offs * 8 + k, _chunk_code(w, ws, k, M).to(tl.int32), mask=ok)
+def _expand_kernel(b_ptr, out_ptr, W: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+    rows = tl.arange(0, BN)
+    b = tl.load(b_ptr + rows[:, None] * NB + tl.arange(0, NB)[None, :])
+    v = _expand(b, W, BN, NB).to(tl.int32)
+    per: tl.constexpr = 8 // W
+    tl.store(out_ptr + rows[:, None] * (NB * per) + tl.arange(0, NB * per)[None, :], v)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4])
-def test_chunk_code_extracts_every_bit_pattern(m: int) -> None:
+@pytest.mark.parametrize("width", [1, 2, 4, 8])
+def test_expand_is_the_inverse_of_pack(width: int) -> None:
+    """Every byte value at every byte position: the kernel's field expansion returns the values
+    reference._pack_field packed, in channel order."""
+    nb = 16
+    b = torch.arange(256, dtype=torch.int32).reshape(16, 16)
+    b = torch.stack([b.roll(i, dims=1) for i in range(2)]).reshape(32, nb).to(torch.uint8)
+    out = torch.full((32, nb * 8 // width), -1, dtype=torch.int32, device=DEVICE)
+    _expand_kernel[(1,)](b.to(DEVICE), out, W=width, BN=32, NB=nb)
+    want = ref._unpack_field(b, width)
+    assert torch.equal(out.cpu(), want)
+    assert torch.equal(ref._pack_field(want, width), b)
+
+
+@pytest.mark.parametrize("bits,coarse", [(6, 4), (4, 4), (3, 1), (6, 2), (5, 4)])
+def test_pack_codes_round_trip(bits: int, coarse: int) -> None:
     gen, seed = _gen()
-    # every code of every channel appears: all 2^(8m) words for m <= 2, random words above
-    if m <= 2:
-        words = torch.arange(1 << (8 * m), dtype=torch.int64)
-    else:
-        words = torch.randint(0, 1 << (8 * m), (4096,), generator=gen, dtype=torch.int64)
-    n = words.numel()
-    w = words.to(torch.int32).to(DEVICE)
-    out = torch.full((n, 8), -1, dtype=torch.int32, device=DEVICE)
-    _codes_kernel[(triton.cdiv(n, 1024),)](w, out, n, M=m, BLOCK=1024)
-    byte = [(words >> (8 * t)) & 0xFF for t in range(m)]
-    for k in range(8):
-        want = torch.zeros_like(words)
-        for t in range(m):          # byte t = the chunk's plane t, most significant first
-            want = want * 2 + ((byte[t] >> k) & 1)
-        assert torch.equal(out[:, k].cpu().long(), want), f"seed={seed} m={m} k={k}"
+    codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen).to(torch.uint8)
+    packed = ref.pack_codes(codes, bits, coarse)
+    assert packed.shape == (3, 5, 64 * bits // 8)
+    assert torch.equal(ref.unpack_codes(packed, bits, coarse), codes.int()), seed
+    assert torch.equal(ref.unpack_codes(packed, bits, coarse, top=coarse),
+                       codes.int() >> (bits - coarse)), seed
+
+
+def test_integer_query_rounds_up() -> None:
+    """sigma qi >= qstep exactly, |qi| <= 2^14, sigma a power of two; also for zeros, tiny and
+    huge values, and a value whose scaled image is subnormal."""
+    gen, _ = _gen()
+    rows = [torch.randn(64, generator=gen) * 10.0 ** e for e in (-30, -3, 0, 3, 30)]
+    rows.append(torch.zeros(64))
+    odd = torch.zeros(64)
+    odd[0], odd[1], odd[2] = 3e30, 1e-40, -1e-40          # 1e-40 * 2^-? is subnormal
+    rows.append(odd)
+    qstep = torch.stack(rows).float()
+    qi, sigma = ref.quant_query_int(qstep)
+    assert bool((qi.abs() <= 1 << 14).all())
+    mant, _ = torch.frexp(sigma)
+    assert bool((mant == 0.5).all())
+    exact = qi.double() * sigma.double()[:, None]
+    assert bool((exact >= qstep.double()).all())
+    # and tight: less than one grid step above (the subnormal case: one step at most)
+    assert bool((exact - qstep.double() <= sigma.double()[:, None]).all())
 
 
 # ----------------------------------------------------------------------------------------------
 # the contract: zero false negatives, exact candidate set, certificate
 # ----------------------------------------------------------------------------------------------
 
-# (kind, Hkv, G, n, D, bits, coarse, group, segment, dtype): covers bits {4, 6, 7, 8}, coarse
-# {1, 4, bits}, D {64, 128}, G {1, 3, 4}, every dtype and the adversarial key families.
+# (kind, Hkv, G, n, D, bits, coarse, group, segment, dtype): covers bits {4, 5, 6, 3}, coarse
+# {1, 2, 4, bits}, D {64, 128}, G {1, 3, 4}, every dtype and the adversarial key families.
 CASES = [
-    ("random", 2, 3, 200, 64, 7, 4, 16, 64, torch.float16),
-    ("clustered", 1, 4, 256, 128, 7, 4, 16, 128, torch.bfloat16),
-    ("duplicates", 2, 1, 130, 64, 8, 8, 8, 64, torch.float32),
-    ("huge", 1, 3, 100, 128, 6, 1, 32, 50, torch.float16),
+    ("random", 2, 3, 200, 64, 6, 4, 16, 64, torch.float16),
+    ("clustered", 1, 4, 256, 128, 6, 2, 16, 128, torch.bfloat16),
+    ("duplicates", 2, 1, 130, 64, 4, 4, 8, 64, torch.float32),
+    ("huge", 1, 3, 100, 128, 5, 1, 32, 50, torch.float16),
     ("tiny", 2, 4, 96, 64, 4, 4, 16, 32, torch.float32),
-    ("fp16_extreme", 1, 3, 128, 64, 8, 4, 64, 64, torch.float16),
-    ("outlier_channel", 1, 1, 300, 128, 7, 1, 16, 100, torch.bfloat16),
-    ("boundary", 2, 3, 64, 64, 6, 6, 16, 16, torch.float16),
-    ("clustered", 1, 1, 190, 64, 4, 1, 8, 190, torch.float32),
+    ("fp16_extreme", 1, 3, 128, 64, 6, 4, 64, 64, torch.float16),
+    ("outlier_channel", 1, 1, 300, 128, 5, 4, 16, 100, torch.bfloat16),
+    ("boundary", 2, 3, 64, 64, 4, 2, 16, 16, torch.float16),
+    ("clustered", 1, 1, 190, 64, 3, 1, 8, 190, torch.float32),
 ]
 
 
@@ -274,7 +298,7 @@ def test_candidates_and_certificate(spec: tuple) -> None:
 
 def test_infinite_thresholds_and_partial_segment() -> None:
     gen, seed = _gen()
-    case = Case(kind="random", hkv=2, g=3, n=128, d=64, bits=7, coarse=4, group=16, seg=64,
+    case = Case(kind="random", hkv=2, g=3, n=128, d=64, bits=6, coarse=4, group=16, seg=64,
                 dtype=torch.float16, gen=gen)
     msg = f"seed={seed}"
     hq = case.hq
@@ -324,29 +348,21 @@ def test_empty_index_and_device_count() -> None:
     assert bool((cc3 == 0).all()) and bool(torch.isneginf(pl3).all()), msg
 
 
-def test_layouts_single_range_and_plane_major() -> None:
-    """2-D lo/step (one range over all keys) and a plane-major planes view agree."""
+def test_single_range_layout() -> None:
+    """2-D lo/step (one range over all keys) agrees with one segment of all keys."""
     gen, seed = _gen()
     n = 160
-    case = Case(kind="outlier_channel", hkv=1, g=3, n=n, d=128, bits=7, coarse=4, group=16,
+    case = Case(kind="outlier_channel", hkv=1, g=3, n=n, d=128, bits=6, coarse=4, group=16,
                 seg=n, dtype=torch.float16, gen=gen)
     msg = f"seed={seed}"
     tau = _tau_in_gap(case.full, 0.8)
     cp0, cc0, pl0 = case.run(tau)
     m0 = _as_mask(_lists(cp0, cc0, case.n, msg), case.n)
-    # one segment == one range: lo/step [Hkv, D]
     lo2 = case.lo[:, 0].contiguous()
     step2 = case.step[:, 0].contiguous()
     out = quant_filter(case.q, case.planes, case.err, lo2, step2, case.slack, tau.to(DEVICE),
                        num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
                        group=case.group, scale=case.index.scale)
-    assert torch.equal(_as_mask(_lists_unpoisoned(out[0], out[1], case.n), case.n), m0), msg
-    assert torch.equal(out[2], pl0), msg
-    # plane-major storage [Hkv, bits, cap, D/8] seen as [Hkv, cap, bits, D/8]
-    pm = case.planes.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
-    out = quant_filter(case.q, pm, case.err, case.lo, case.step, case.slack, tau.to(DEVICE),
-                       num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
-                       group=case.group, scale=case.index.scale, segment_size=case.seg)
     assert torch.equal(_as_mask(_lists_unpoisoned(out[0], out[1], case.n), case.n), m0), msg
     assert torch.equal(out[2], pl0), msg
 
@@ -355,7 +371,7 @@ def test_allocates_outputs_and_repeats() -> None:
     """Outputs allocated by the launcher; repeated launches (self-resetting counters) agree."""
     gen, seed = _gen()
     n = 4096 if CUDA else 160
-    case = Case(kind="clustered", hkv=2, g=3, n=n, d=64, bits=7, coarse=4, group=16,
+    case = Case(kind="clustered", hkv=2, g=3, n=n, d=64, bits=6, coarse=4, group=16,
                 seg=64, dtype=torch.float16, gen=gen)
     msg = f"seed={seed}"
     tau = _tau_in_gap(case.full, 0.9)
@@ -381,7 +397,7 @@ def _lists_unpoisoned(cp: torch.Tensor, cc: torch.Tensor, n: int) -> list[torch.
 @pytest.mark.parametrize("hkv,g,d", [(3, 3, 64), (8, 4, 128)])
 def test_large_on_gpu(hkv: int, g: int, d: int) -> None:
     gen, seed = _gen()
-    case = Case(kind="clustered", hkv=hkv, g=g, n=65536 + 256 * 7, d=d, bits=7, coarse=4,
+    case = Case(kind="clustered", hkv=hkv, g=g, n=65536 + 256 * 7, d=d, bits=6, coarse=4,
                 group=16, seg=256, dtype=torch.float16, gen=gen)
     for frac in (0.8, 0.99):
         tau = _tau_in_gap(case.full, frac)
@@ -399,10 +415,10 @@ def test_large_on_gpu(hkv: int, g: int, d: int) -> None:
 
 def test_validation_errors() -> None:
     gen, _ = _gen()
-    case = Case(kind="random", hkv=2, g=2, n=64, d=64, bits=7, coarse=4, group=16, seg=32,
+    case = Case(kind="random", hkv=2, g=2, n=64, d=64, bits=6, coarse=4, group=16, seg=32,
                 dtype=torch.float16, gen=gen)
     tau = torch.zeros(case.hq, device=DEVICE)
-    base = dict(num_indexed=case.n, bits=7, coarse_bits=4, group=16, scale=0.125,
+    base = dict(num_indexed=case.n, bits=6, coarse_bits=4, group=16, scale=0.125,
                 segment_size=32)
     good = (case.q, case.planes, case.err, case.lo, case.step, case.slack, tau)
 
@@ -417,10 +433,10 @@ def test_validation_errors() -> None:
     call()  # the good call works
     bad: list[tuple[dict[str, Any], str]] = [
         ({"args": [(0, case.q.int())]}, "float16"),
-        ({"args": [(0, case.q[:, :48])]}, "planes"),
+        ({"args": [(0, case.q[:, :48])]}, "head dim"),
         ({"args": [(0, case.q[:3])]}, "multiple"),
         ({"args": [(1, case.planes.int())]}, "uint8"),
-        ({"args": [(1, case.planes[:, :, :6])]}, "bits"),
+        ({"args": [(1, case.planes[:, :, :6])]}, "D\\*bits/8"),
         ({"args": [(2, case.err.float())]}, "err"),
         ({"args": [(2, case.err[:, :10])]}, "err"),
         ({"args": [(3, case.lo.double())]}, "lo"),
@@ -430,6 +446,7 @@ def test_validation_errors() -> None:
         ({"args": [(6, "x")]}, "Tensor"),
         ({"kw": {"bits": 9}}, "bits"),
         ({"kw": {"coarse_bits": 8}}, "coarse_bits"),
+        ({"kw": {"coarse_bits": 3}}, "GPU code layout"),
         ({"kw": {"coarse_bits": 0}}, "coarse_bits"),
         ({"kw": {"group": 24}}, "group"),
         ({"kw": {"scale": math.inf}}, "scale"),
