@@ -6,9 +6,9 @@ then query with its q. Per step and query head we record, for each threshold pol
 
 - the true fraction {n : q.k_n >= tau} / N (what any exact method must attend),
 - the candidate fraction (bound >= tau, plus the buffer) / N,
-- bytes a kernel reads per layer-step: index records (QUANT: the top ``quant_coarse_bits`` bit
-  planes of every indexed key, the remaining planes and the residual norms of the keys whose
-  coarse bound reaches tau), K of the candidates and V of the attended keys (each as the union
+- bytes a kernel reads per layer-step: index records (QUANT: the top ``quant_coarse_bits`` bits
+  of every indexed key's codes and its residual norms, the low bits of the keys whose coarse
+  bound reaches tau), K of the candidates and V of the attended keys (each as the union
   over a GQA group, read once per KV head), the buffer's K and V; against dense K+V bytes,
 - a zero-false-negative check of every step.
 
@@ -41,8 +41,8 @@ VARIANTS: dict[str, IndexConfig] = {
     "quant_b8_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=8, quant_coarse_bits=4),
     "quant_b7_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=7, quant_coarse_bits=4),
     "quant_b6_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=4),
-    "quant_b6_p3": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=3),
-    "quant_b5_p3": IndexConfig(kind=IndexKind.QUANT, quant_bits=5, quant_coarse_bits=3),
+    "quant_b6_p2": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=2),
+    "quant_b5_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=5, quant_coarse_bits=4),
     "quant_b4_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_coarse_bits=4),
 }
 POLICIES = {"rel_1e-2": Relative(1e-2), "rel_1e-3": Relative(1e-3), "rel_1e-4": Relative(1e-4),
