@@ -30,31 +30,37 @@ The bounds
 The kernel evaluates the bound expressions of reference.quant_bound: the dot with the codes is
 the same exact integer dot (reference.quant_query_int: per segment and head, sigma qi_d >=
 fl(q_d step_d) with sigma a power of two and |qi_d| <= 2^14), computed on int8 tensor cores as
-two products, 256 (c . qh) + (c . ql) with qi = 256 qh + ql (qh in [-64, 64], ql in
-[-128, 127]), exact in int32 and rounded once to float32; the coarse stage uses the top field
-t = c >> s with scale sigma 2^s. The per-segment constants (sum_d q_d (lo_d + step_d H) +
-(sum_d |q_d| step_d) H for the coarse bound, sum_d q_d lo_d for the full one) and the residual
-terms sum_g ||q_g|| e_g are float32 sums of the reference's terms in another order, which the
-slack covers (reference.py's QUANT comment).
+256 (c . qh) + (c . ql) with qi = 256 qh + ql (qh in [-64, 64], ql in [-128, 127]): ONE dot
+against the query matrix [qh | ql] (2 NQ columns) gives both products, exact in int32,
+combined and rounded once to float32. The coarse stage uses the top field t = c >> s with scale
+sigma 2^s; the full stage reuses its dot, c . qi = 2^FB (t . qi) + u . qi for the low field u
+(exact integers, so the same value as one dot with c). The per-segment constants
+(sum_d q_d (lo_d + step_d H) + (sum_d |q_d| step_d) H for the coarse bound, sum_d q_d lo_d
+for the full one) and the residual terms sum_g ||q_g|| e_g are float32 sums of the reference's
+terms in another order, which the slack covers (reference.py's QUANT comment).
 
 Code layout
 -----------
 codes[kh, n] is one record of D * bits / 8 bytes (reference.pack_codes): the coarse field (top
 CB bits of every channel, 8 / CB channels per byte, channel (8 / CB) i + j at bits CB j of byte
-i), then the fine field (the low FB = bits - CB bits, likewise). A field is expanded to one value
-per channel with shifts, masks and tl.join (one AND or shift per value), so the integer codes go
-straight into the dot.
+i), then the fine field (the low FB = bits - CB bits, likewise). A field of NB >= 32 bytes
+goes into the dot by bit planes: plane j (value j of every byte: bits W j, channels
+(8 / W) i + j) is the bytes shifted and masked, multiplied with the query rows of those
+channels (a channel permutation of codes and query alike, which leaves the dot unchanged), so
+the bytes need no expansion. A narrower field (the dot needs K >= 32) is expanded to one value
+per channel in channel order with shifts, masks and tl.join.
 
 Work decomposition
 ------------------
 Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work items of KV head
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
-tensor. Per segment the program forms the integer query [D, NQ] (the G heads of the group as
-columns, NQ >= 16 for the dot) and the per-head constants; per block it loads the coarse fields
-and the residual norms, computes the [BLOCK_N, NQ] coarse bounds (two int8 dots), and, only when
-some key of the block survives, loads the fine fields of the survivors (masked loads move no
-bytes for the other rows) and computes the full bounds (two more dots).
+tensor. Per segment the program forms the integer query matrices (the G heads of the group,
+padded to NQ >= 8, as columns [qh | ql], rows per bit plane) and the per-head constants; per
+block it loads the coarse fields and the residual norms (one [BLOCK_N, NG] tile), computes the
+[BLOCK_N, NQ] coarse bounds (one int8 dot per coarse plane), and, only when some key of the
+block survives, loads the fine fields of the survivors (masked loads move no bytes for the other
+rows) and computes the full bounds (one more dot per fine plane).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -127,10 +133,72 @@ def _expand(b, W: tl.constexpr, BN: tl.constexpr, NBYTES: tl.constexpr):
 
 
 @triton.jit
-def _int_dot(c, qh, ql):
-    """Exact sum_d c_d (256 qh_d + ql_d) per row and column, int32 (two int8 dots)."""
-    ah = tl.dot(c, qh, out_dtype=tl.int32)
-    al = tl.dot(c, ql, out_dtype=tl.int32)
+def _query_rows(q_cols, q_ok, st_row, ch, inv):
+    """The integer query (reference.quant_query_int) of channels ch as int8 [len(ch), 2 NQ]:
+    columns [qh | ql], qi = 256 qh + ql with qh in [-64, 64], ql in [-128, 127]."""
+    qt = tl.load(q_cols[None, :] + ch[:, None], mask=q_ok[None, :], other=0.0).to(tl.float32)
+    qstep = qt * tl.load(st_row + ch)[:, None]                                  # fl(q step)
+    qi = tl.ceil(qstep * inv[None, :]).to(tl.int32)
+    qi = tl.where(qstep > 0.0, tl.maximum(qi, 1), qi)
+    qhi = (qi + 128) >> 8
+    hl = tl.permute(tl.join(qhi, qi - qhi * 256), (0, 2, 1))                   # [rows, 2, NQ]
+    return tl.reshape(hl, [qt.shape[0], 2 * qt.shape[1]]).to(tl.int8)
+
+
+@triton.jit
+@no_type_check  # Triton code: tuples grow in static loops
+def _field_query(q_cols, q_ok, st_row, inv, W: tl.constexpr, NB: tl.constexpr):
+    """The query matrices of a field of NB bytes of W-bit values, as _field_dot takes them."""
+    P: tl.constexpr = 8 // W
+    if NB >= 32:
+        offs = tl.arange(0, NB) * P
+        qm = ()
+        for j in tl.static_range(P):
+            qm = qm + (_query_rows(q_cols, q_ok, st_row, offs + j, inv),)
+    else:
+        qm = (_query_rows(q_cols, q_ok, st_row, tl.arange(0, NB * P), inv),)
+    return qm
+
+
+@triton.jit
+def _field_dot(b, qm, W: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+    """Exact sum_d v_d qm[d, :] over the W-bit values v of field bytes b [BN, NB], int32
+    [BN, 2 NQ]. With NB >= 32 one int8 dot per bit plane j (value j of every byte, i.e. the
+    channels (8 / W) i + j, whose query rows are qm[j]): a channel permutation applied to codes
+    and query alike, so no expansion; else one dot with the values in channel order (int8 dots
+    need K >= 32)."""
+    if NB >= 32:
+        acc = tl.dot((b & ((1 << W) - 1)).to(tl.int8), qm[0], out_dtype=tl.int32)
+        for j in tl.static_range(1, 8 // W):
+            v = ((b >> (W * j)) & ((1 << W) - 1)).to(tl.int8)
+            acc = tl.dot(v, qm[j], acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(_expand(b, W, BN, NB).to(tl.int8), qm[0], out_dtype=tl.int32)
+    return acc
+
+
+@triton.jit
+@no_type_check  # Triton code: tuples grow in static loops
+def _columns(x, BN: tl.constexpr, N: tl.constexpr):
+    """The N columns of x [BN, N] (N a power of two) as a tuple of [BN] tensors, by splits
+    (register moves only when the layout keeps a row's columns in one thread)."""
+    if N == 1:
+        return (tl.reshape(x, [BN]),)
+    else:
+        ev, od = tl.split(tl.reshape(x, [BN, N // 2, 2]))
+        ce = _columns(ev, BN, N // 2)
+        co = _columns(od, BN, N // 2)
+        cols = ()
+        for k in tl.static_range(N // 2):
+            cols = cols + (ce[k], co[k])
+        return cols
+
+
+@triton.jit
+def _combine(acc, BN: tl.constexpr, NQ: tl.constexpr):
+    """Products with [qh | ql] [BN, 2 NQ] -> c . qi = 256 (c . qh) + (c . ql), int32 [BN, NQ]
+    (columns h and NQ + h are in the same thread in the MMA layout: no data movement)."""
+    ah, al = tl.split(tl.permute(tl.reshape(acc, [BN, 2, NQ]), (0, 2, 1)))
     return ah * 256 + al
 
 
@@ -169,7 +237,8 @@ def _quant_filter_kernel(
     offs_q = tl.arange(0, NQ)
     q_ok = offs_q < G
     heads = kh * G + offs_q
-    qt = tl.load(q_ptr + heads[None, :] * stride_qh + offs_d[:, None], mask=q_ok[None, :],
+    q_cols = q_ptr + heads * stride_qh
+    qt = tl.load(q_cols[None, :] + offs_d[:, None], mask=q_ok[None, :],
                  other=0.0).to(tl.float32)                                      # [D, NQ]
     qsq = qt * qt
     grp = offs_d // GRP
@@ -186,6 +255,7 @@ def _quant_filter_kernel(
     c_base = cand_pos_ptr + kh.to(tl.int64) * stride_ch
     offs_n = tl.arange(0, BLOCK_N)
     offs_bc = tl.arange(0, NBC)
+    offs_g = tl.arange(0, NG)
 
     s = item_lo // cps
     s_end = tl.cdiv(item_hi, cps)
@@ -199,11 +269,9 @@ def _quant_filter_kernel(
         ex = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 13, 1)
         sigma = (ex << 23).to(tl.float32, bitcast=True)
         inv = ((254 - ex) << 23).to(tl.float32, bitcast=True)
-        qi = tl.ceil(qstep * inv[None, :]).to(tl.int32)
-        qi = tl.where(qstep > 0.0, tl.maximum(qi, 1), qi)
-        qhi = (qi + 128) >> 8
-        qh8 = qhi.to(tl.int8)
-        ql8 = (qi - qhi * 256).to(tl.int8)
+        qmc = _field_query(q_cols, q_ok, step_ptr + r_off, inv, CB, NBC)
+        if FB > 0:
+            qmf = _field_query(q_cols, q_ok, step_ptr + r_off, inv, FB, NBF)
         cc = (tl.sum(qt * (lo + st * HALF)[:, None], axis=0)
               + tl.sum(tl.abs(qt) * st[:, None], axis=0) * HALF)                # coarse
         fc = tl.sum(qt * lo[:, None], axis=0)                                   # full
@@ -219,14 +287,14 @@ def _quant_filter_kernel(
             krow = k_base + rows64[:, None] * stride_kn
 
             # ---- coarse stage: residual terms + coarse field, all heads ----
-            et = tl.zeros([BLOCK_N, NQ], tl.float32)
-            for gi in tl.static_range(NG):
-                e_g = tl.load(e_base + rows64 * stride_en + gi, mask=valid,
-                              other=0.0).to(tl.float32)
-                et += e_g[:, None] * qns[gi][None, :]
+            e = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :],
+                        mask=valid[:, None], other=0.0).to(tl.float32)          # [BN, NG]
+            e_cols = _columns(e, BLOCK_N, NG)
+            et = e_cols[0][:, None] * qns[0][None, :]
+            for gi in tl.static_range(1, NG):
+                et += e_cols[gi][:, None] * qns[gi][None, :]
             hb = tl.load(krow + offs_bc[None, :], mask=valid[:, None], other=0)
-            t = _expand(hb, CB, BLOCK_N, NBC)                                   # [BN, D]
-            a = _int_dot(t.to(tl.int8), qh8, ql8)
+            a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC), BLOCK_N, NQ)     # c . qi
             coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
             hit = (coarse >= tau[None, :]) & q_ok[None, :]
             surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
@@ -237,9 +305,8 @@ def _quant_filter_kernel(
                 if tl.max(surv.to(tl.int32), axis=0) > 0:
                     offs_bf = tl.arange(0, NBF)
                     lb = tl.load(krow + NBC + offs_bf[None, :], mask=surv[:, None], other=0)
-                    u = _expand(lb, FB, BLOCK_N, NBF)
-                    code = ((t << FB) | u).to(tl.int8)
-                    a2 = _int_dot(code, qh8, ql8)
+                    # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
+                    a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF), BLOCK_N, NQ)
                     full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) \
                         + slack[None, :]
                 hit_f = (full >= tau[None, :]) & q_ok[None, :]
@@ -522,7 +589,7 @@ def quant_filter(
         n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
         q.stride(0), codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
         stride_lh, stride_ls, cand_pos.stride(0),
-        G=g, D=d, NQ=max(16, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
+        G=g, D=d, NQ=max(8, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,

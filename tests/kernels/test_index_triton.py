@@ -89,9 +89,18 @@ def check_step(t_idx: LouverIndex, q: torch.Tensor, s: torch.Tensor, want: Atten
     assert bool(same.all()), f"{msg}: tau {got_tau.tolist()} != {want_tau.tolist()}"
     near = ((s - want_tau[:, None]).abs() <= 2 * tol[:, None]).sum(dim=1)
     assert bool(((got.num_attended.cpu() - want.num_attended).abs() <= near).all()), msg
-    torch.testing.assert_close(got.output.cpu(), want.output, rtol=1e-4, atol=1e-5,
-                               msg=msg)
-    torch.testing.assert_close(got.lse.cpu(), want.lse, rtol=1e-5, atol=1e-5, msg=msg)
+    # each float32 score may differ by up to tol: each softmax weight by a factor within
+    # exp(+-2 scale tol), so lse by scale tol and the output by 2 scale tol max|v| (plus
+    # float32 noise of the sums)
+    rel = (t_idx.scale * tol)[:, None]
+    vmax = t_idx.keys_range(0, t_idx.num_keys)[1].float().abs().max()
+    same = got.num_attended.cpu() == want.num_attended   # heads with the same attended set
+    out_tol = 1e-4 * want.output.abs() + 1e-5 + 4 * rel * vmax
+    out_ok = ((got.output.cpu() - want.output).abs() <= out_tol).all(dim=1)
+    assert bool((out_ok | ~same).all()), msg
+    lse_tol = 1e-5 * want.lse.abs() + 1e-5 + 2 * rel[:, 0]
+    lse_ok = ((got.lse.cpu() - want.lse).abs() <= lse_tol) | (got.lse.cpu() == want.lse)
+    assert bool((lse_ok | ~same).all()), msg
     # candidates: the kernels' two-stage bound selects the same group union up to keys
     # whose bound is within rounding of tau; never fewer than the attended keys
     assert bool((got.num_candidates.cpu() >= want.num_attended).all()), msg
