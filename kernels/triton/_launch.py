@@ -83,3 +83,10 @@ def check_device_scalar(name: str, value: torch.Tensor, device: torch.device) ->
     if value.get_device() != _device_index(device):
         raise ValueError(f"{name} is on {value.device}, expected q's device {device}")
     return value
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> int:
+    """value as an int in [lo, hi] (bool is not an int here); ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+    return value

@@ -67,7 +67,7 @@ import triton
 import triton.language as tl
 
 from louver_kernels import reference as ref
-from louver_kernels.triton._launch import FLOAT_DTYPES, next_pow2
+from louver_kernels.triton._launch import FLOAT_DTYPES, check_int, next_pow2
 
 __all__ = ["quant_encode_packed"]
 
@@ -279,12 +279,6 @@ _INTERPRETED = not isinstance(_encode_kernel, triton.runtime.JITFunction)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    return value
-
-
 def quant_encode_packed(
     keys: torch.Tensor,
     codes: torch.Tensor,
@@ -346,16 +340,16 @@ def quant_encode_packed(
     hkv, cap, d = keys.shape
     if d < 8 or d % 8:
         raise ValueError(f"head dim D={d} must be a positive multiple of 8")
-    bits = _check_int("bits", bits, 1, 8)
-    coarse = _check_int("coarse", coarse, 1, bits)
+    bits = check_int("bits", bits, 1, 8)
+    coarse = check_int("coarse", coarse, 1, bits)
     cb, fb = ref.code_fields(bits, coarse)
-    group = _check_int("group", group, 1, d)
+    group = check_int("group", group, 1, d)
     if d % group:
         raise ValueError(f"group={group} must divide D={d}")
-    seg = _check_int("segment_size", segment_size, 1, 1 << 20)
-    start = _check_int("start", start, 0, cap)
-    end = _check_int("end", end, start, cap)
-    norm_start = _check_int("norm_start", start if norm_start is None else norm_start,
+    seg = check_int("segment_size", segment_size, 1, 1 << 20)
+    start = check_int("start", start, 0, cap)
+    end = check_int("end", end, start, cap)
+    norm_start = check_int("norm_start", start if norm_start is None else norm_start,
                             start, end)
     if start % seg:
         raise ValueError(f"start={start} must be a multiple of segment_size={seg}")
@@ -376,7 +370,7 @@ def quant_encode_packed(
         if t.dtype != torch.float32 or tuple(t.shape) != (hkv,) or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous float32 [{hkv}], got {t.dtype} "
                              f"{list(t.shape)}")
-    keys_per_program = _check_int("keys_per_program", keys_per_program, 1, 1 << 20)
+    keys_per_program = check_int("keys_per_program", keys_per_program, 1, 1 << 20)
     if not (isinstance(num_warps, int) and num_warps in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
     if end == start:

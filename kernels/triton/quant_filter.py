@@ -92,6 +92,7 @@ from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
     CounterPool,
     check_device_scalar,
+    check_int,
     next_pow2,
     num_sms,
 )
@@ -409,12 +410,6 @@ def _check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...], dtype:
         raise ValueError(f"{name} must be contiguous in its last dimension")
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
-    return value
-
-
 def quant_filter(
     q: torch.Tensor,
     codes: torch.Tensor,
@@ -496,10 +491,10 @@ def quant_filter(
                     ("slack", slack), ("tau", tau)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    bits = _check_int("bits", bits, 1, 8)
-    coarse_bits = _check_int("coarse_bits", coarse_bits, 1, bits)
+    bits = check_int("bits", bits, 1, 8)
+    coarse_bits = check_int("coarse_bits", coarse_bits, 1, bits)
     cb, fb = ref.code_fields(bits, coarse_bits)
-    group = _check_int("group", group, 1, d)
+    group = check_int("group", group, 1, d)
     if d % group:
         raise ValueError(f"group={group} must divide D={d}")
     if d < 32 or d > 512 or d & (d - 1):
@@ -540,13 +535,13 @@ def quant_filter(
         n_tensor = check_device_scalar("num_indexed", num_indexed, device)
         n_value, n_max = 0, cap
     else:
-        n_value = _check_int("num_indexed", num_indexed, 0, cap)
+        n_value = check_int("num_indexed", num_indexed, 0, cap)
         n_tensor, n_max = None, n_value
     segmented = lo.dim() == 3
     if segmented:
         if segment_size is None:
             raise ValueError("segment_size is required with per-segment lo/step [Hkv, S, D]")
-        seg = _check_int("segment_size", segment_size, 1, 1 << 30)
+        seg = check_int("segment_size", segment_size, 1, 1 << 30)
         if lo.shape[1] * seg < n_max:
             raise ValueError(f"lo/step hold {lo.shape[1]} segments of {seg} keys, fewer than "
                              f"the {n_max} keys to filter")
@@ -556,7 +551,7 @@ def quant_filter(
             raise ValueError("segment_size is only for per-segment lo/step [Hkv, S, D]")
         seg, stride_lh, stride_ls = 0, lo.stride(0), 0
     if num_splits is not None:
-        _check_int("num_splits", num_splits, 1, 1 << 20)
+        check_int("num_splits", num_splits, 1, 1 << 20)
     if not (isinstance(num_warps, int) and num_warps in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
 
