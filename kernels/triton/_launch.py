@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["FLOAT_DTYPES", "CounterPool", "check_device_scalar", "next_pow2", "num_sms"]
+__all__ = ["FLOAT_DTYPES", "CounterPool", "check_code_layout", "check_device_scalar",
+           "check_int", "next_pow2", "num_sms"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -90,3 +91,18 @@ def check_int(name: str, value: object, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
     return value
+
+
+def check_code_layout(bits: object, coarse: object, group: object, head_dim: int,
+                      coarse_name: str = "coarse") -> tuple[int, int, int]:
+    """Validate the QUANT code arguments of a launcher: (bits, group, and the field widths of
+    reference.code_fields) -> (group, coarse field width, fine field width)."""
+    from louver_kernels.reference import code_fields
+
+    b = check_int("bits", bits, 1, 8)
+    c = check_int(coarse_name, coarse, 1, b)
+    cb, fb = code_fields(b, c)
+    g = check_int("group", group, 1, head_dim)
+    if head_dim % g:
+        raise ValueError(f"group={g} must divide D={head_dim}")
+    return g, cb, fb

@@ -66,8 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from louver_kernels import reference as ref
-from louver_kernels.triton._launch import FLOAT_DTYPES, check_int, next_pow2
+from louver_kernels.triton._launch import FLOAT_DTYPES, check_code_layout, check_int, next_pow2
 
 __all__ = ["quant_encode_packed"]
 
@@ -340,12 +339,7 @@ def quant_encode_packed(
     hkv, cap, d = keys.shape
     if d < 8 or d % 8:
         raise ValueError(f"head dim D={d} must be a positive multiple of 8")
-    bits = check_int("bits", bits, 1, 8)
-    coarse = check_int("coarse", coarse, 1, bits)
-    cb, fb = ref.code_fields(bits, coarse)
-    group = check_int("group", group, 1, d)
-    if d % group:
-        raise ValueError(f"group={group} must divide D={d}")
+    group, cb, fb = check_code_layout(bits, coarse, group, d)
     seg = check_int("segment_size", segment_size, 1, 1 << 20)
     start = check_int("start", start, 0, cap)
     end = check_int("end", end, start, cap)

@@ -91,6 +91,7 @@ from louver_kernels import reference as ref
 from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
     CounterPool,
+    check_code_layout,
     check_device_scalar,
     check_int,
     next_pow2,
@@ -491,12 +492,7 @@ def quant_filter(
                     ("slack", slack), ("tau", tau)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    bits = check_int("bits", bits, 1, 8)
-    coarse_bits = check_int("coarse_bits", coarse_bits, 1, bits)
-    cb, fb = ref.code_fields(bits, coarse_bits)
-    group = check_int("group", group, 1, d)
-    if d % group:
-        raise ValueError(f"group={group} must divide D={d}")
+    group, cb, fb = check_code_layout(bits, coarse_bits, group, d, "coarse_bits")
     if d < 32 or d > 512 or d & (d - 1):
         raise ValueError(f"head dim D={d} must be a power of two in [32, 512]")
     ng, rec = d // group, d * bits // 8
