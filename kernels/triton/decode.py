@@ -9,7 +9,7 @@ same per-group candidate counts, and a certificate from the same terms.
 
 Launches (eager, ``attend``): three, and no host synchronization on the step itself:
 
-1. ``_prologue_kernel`` (one program per KV head): ||q_h|| and the slack (a per-head constant
+1. ``_prologue_kernel`` (one program per query head): ||q_h|| and the slack (a per-head constant
    precomputed once per flush, see ``slack_coef``), the on-device check of q (finite, within
    MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and tau for the policy.
 2. ``quant_filter``: candidates, cand_count, pruned_lse.
@@ -24,7 +24,7 @@ counters) in a CUDA graph; a replay is one copy of q into the graph's input plus
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, no_type_check
+from typing import TYPE_CHECKING
 
 import torch
 import triton
@@ -32,6 +32,7 @@ import triton.language as tl
 
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
+from louver_kernels.triton._launch import next_pow2
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.quant_filter import quant_filter
 
@@ -96,44 +97,42 @@ MODE_DENSE, MODE_FIXED, MODE_RELATIVE = 0, 1, 2
 
 
 @triton.jit(do_not_specialize=["n_value", "total_value"])
-@no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
 def _prologue_kernel(
     q_ptr, k_ptr, coef_ptr, tau_in_ptr, n_ptr, total_ptr,
     tau_ptr, slack_ptr, bad_ptr,
     n_value, total_value, cap, tau_off, max_abs,
     stride_qh, stride_kh, stride_kn,
-    G: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr, RECENT: tl.constexpr,
-    BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
+    G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr,
+    RECENT: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
-    """Program kh: for the G query heads h of KV head kh,
+    """Program (kh, g), query head h = kh * G + g of KV head kh:
 
     slack[h] = fl32(||q_h||_float64 * coef[kh])   (slack_coef's bound)
-    bad[kh]  = 1 if any entry of these heads is NaN, +-Inf or above max_abs in magnitude
+    bad[kh]  = 1 if any entry of the G heads of kh is NaN, +-Inf or above max_abs in magnitude
+               (written by program (kh, 0))
     tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
                largest float32 score over positions [0, min(SINKS, total)) and
                [max(head, min(total - RECENT, n)), total) (probe_max's construction).
     """
     kh = tl.program_id(0)
+    g = tl.program_id(1)
+    h = kh * G + g
     offs_d = tl.arange(0, D)
-    coef = tl.load(coef_ptr + kh)
-    bad = tl.zeros([D], tl.int32)
-    qs = ()
-    for g in tl.static_range(G):
-        h = kh * G + g
-        qv = tl.load(q_ptr + h * stride_qh + offs_d).to(tl.float32)
-        q64 = qv.to(tl.float64)
-        qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
-        tl.store(slack_ptr + h, (qn * coef).to(tl.float32))
+    qv = tl.load(q_ptr + h * stride_qh + offs_d).to(tl.float32)
+    q64 = qv.to(tl.float64)
+    qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
+    tl.store(slack_ptr + h, (qn * tl.load(coef_ptr + kh)).to(tl.float32))
+    if g == 0:
         # NaN fails the comparison, so it counts as bad too
-        bad = tl.maximum(bad, tl.where(tl.abs(qv) <= max_abs, 0, 1))
-        qs = qs + (qv,)
-    tl.store(bad_ptr + kh, tl.max(bad, axis=0))
+        offs_gd = tl.arange(0, G_P)
+        qg = tl.load(q_ptr + (kh * G + offs_gd)[:, None] * stride_qh + offs_d[None, :],
+                     mask=(offs_gd < G)[:, None], other=0.0).to(tl.float32)
+        tl.store(bad_ptr + kh, tl.max(tl.max(tl.where(tl.abs(qg) <= max_abs, 0, 1), axis=1),
+                                      axis=0))
     if MODE == 0:
-        for g in tl.static_range(G):
-            tl.store(tau_ptr + kh * G + g, float("-inf"))
+        tl.store(tau_ptr + h, float("-inf"))
     elif MODE == 1:
-        for g in tl.static_range(G):
-            tl.store(tau_ptr + kh * G + g, tl.load(tau_in_ptr + kh * G + g))
+        tl.store(tau_ptr + h, tl.load(tau_in_ptr + h))
     else:
         if ON_DEVICE:
             n = tl.load(n_ptr).to(tl.int32)
@@ -148,9 +147,7 @@ def _prologue_kernel(
         length = head + (total - tail)
         offs_b = tl.arange(0, BLOCK)
         k_base = k_ptr + kh.to(tl.int64) * stride_kh
-        ms = ()
-        for _g in tl.static_range(G):
-            ms = ms + (tl.full([BLOCK], float("-inf"), tl.float32),)
+        m = tl.full([BLOCK], float("-inf"), tl.float32)
         start = 0
         while start < length:
             idx = start + offs_b
@@ -158,14 +155,9 @@ def _prologue_kernel(
             pos = tl.where(idx < head, idx, tail + (idx - head)).to(tl.int64)
             kt = tl.load(k_base + pos[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
                          other=0.0).to(tl.float32)
-            new_ms = ()
-            for g in tl.static_range(G):
-                s = tl.sum(kt * qs[g][None, :], axis=1)
-                new_ms = new_ms + (tl.maximum(ms[g], tl.where(ok, s, float("-inf"))),)
-            ms = new_ms
+            m = tl.maximum(m, tl.where(ok, tl.sum(kt * qv[None, :], axis=1), float("-inf")))
             start += BLOCK
-        for g in tl.static_range(G):
-            tl.store(tau_ptr + kh * G + g, tl.max(ms[g], axis=0) - tau_off)
+        tl.store(tau_ptr + h, tl.max(m, axis=0) - tau_off)
 
 
 def _policy_mode(policy: Policy) -> int:
@@ -194,14 +186,15 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     hkv, d = index.num_kv_heads, index.head_dim
     keys = index._keys
     dummy = tau
-    _prologue_kernel[(hkv,)](
+    g = q.shape[0] // hkv
+    _prologue_kernel[(hkv, g)](
         q, keys, index._slack_coef, tau_in if tau_in is not None else dummy,
         counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
         tau, slack, bad,
         index.num_indexed, index.num_keys, keys.shape[1], tau_off,
         float(_max_query_abs()),
         q.stride(0), keys.stride(0), keys.stride(1),
-        G=q.shape[0] // hkv, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
+        G=g, G_P=next_pow2(g), D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
         BLOCK=128, MODE=mode, ON_DEVICE=counts is not None,
         num_warps=4, num_stages=1,
     )

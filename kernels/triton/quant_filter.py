@@ -55,21 +55,25 @@ Work decomposition
 Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work items of KV head
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
-tensor. Per segment the program forms the integer query matrices (the G heads of the group,
-padded to NQ >= 8, as columns [qh | ql], rows per bit plane) and the per-head constants; per
-block it loads the coarse fields and the residual norms (one [BLOCK_N, NG] tile), computes the
-[BLOCK_N, NQ] coarse bounds (one int8 dot per coarse plane), and, only when some key of the
-block survives, loads the fine fields of the survivors (masked loads move no bytes for the other
-rows) and computes the full bounds (one more dot per fine plane).
+tensor. Per segment the program forms the integer query (the G heads of the group, padded to
+NQ >= 4 columns, so that [qh | ql] has >= 8 columns for the int8 dot) once in channel order
+and splits it into the query matrices of the bit planes in registers, plus the per-head
+constants; per block it bounds the coarse fields and the residual norms (one [BLOCK_N, NG]
+tile) of all heads (one int8 dot per coarse plane), and, only when some key of the block
+survives, loads the fine fields of the survivors (masked loads move no bytes for the other
+rows) and computes the full bounds (one more dot per fine plane). Software pipeline in
+registers: the coarse fields, norms and range rows of the next item are loaded before the
+current one is bounded.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
 ordered by the ticket below), write positions at offset + exclusive cumsum.
 
-pruned_lse: per program, an online logsumexp per query head over the non-candidates -> a partial
-(max, sum) per (program, head) in a workspace. Each program then takes a ticket on a
-per-KV-head arrival counter (acq_rel, after a CTA barrier); the last arrival merges the
-num_splits partials of its KV head (all heads at once, one pass), writes pruned_lse and
+pruned_lse: per program, an online logsumexp per (row lane, query head) over the
+non-candidates (no cross-thread traffic in the loop; one exp2 per entry), merged over the rows
+once -> a partial (max, sum) per (program, head) in a workspace. Each program then takes a
+ticket on a per-KV-head arrival counter (acq_rel, after a CTA barrier); the last arrival merges
+the num_splits partials of its KV head (all heads at once, one pass), writes pruned_lse and
 cand_count (read from the slot counter with an exchange that resets it to zero) and resets the
 ticket. So: one launch, no memset, no host synchronization; the counters live in a cached
 per-(device, stream) buffer that is zero at creation and left zero by every launch (launches on
@@ -135,30 +139,43 @@ def _expand(b, W: tl.constexpr, BN: tl.constexpr, NBYTES: tl.constexpr):
 
 
 @triton.jit
-def _query_rows(q_cols, q_ok, st_row, ch, inv):
-    """The integer query (reference.quant_query_int) of channels ch as int8 [len(ch), 2 NQ]:
-    columns [qh | ql], qi = 256 qh + ql with qh in [-64, 64], ql in [-128, 127]."""
-    qt = tl.load(q_cols[None, :] + ch[:, None], mask=q_ok[None, :], other=0.0).to(tl.float32)
-    qstep = qt * tl.load(st_row + ch)[:, None]                                  # fl(q step)
-    qi = tl.ceil(qstep * inv[None, :]).to(tl.int32)
-    qi = tl.where(qstep > 0.0, tl.maximum(qi, 1), qi)
+@no_type_check  # Triton code: tuples grow in static loops
+def _planes(x, P: tl.constexpr):
+    """The rows of x [D, NQ] (channels in order) as P planes [D / P, NQ], plane j holding the
+    channels P i + j: even/odd splits, in registers (a channel permutation, no memory)."""
+    if P == 1:
+        return (x,)
+    else:
+        ev, od = tl.split(tl.permute(tl.reshape(x, [x.shape[0] // 2, 2, x.shape[1]]), (0, 2, 1)))
+        pe = _planes(ev, P // 2)
+        po = _planes(od, P // 2)
+        out = ()
+        for j in tl.static_range(P // 2):
+            out = out + (pe[j], po[j])
+        return out
+
+
+@triton.jit
+def _int_query(qi):
+    """Integer query rows qi int32 [rows, NQ] -> int8 [rows, 2 NQ]: columns [qh | ql],
+    qi = 256 qh + ql with qh in [-64, 64], ql in [-128, 127]."""
     qhi = (qi + 128) >> 8
     hl = tl.permute(tl.join(qhi, qi - qhi * 256), (0, 2, 1))                   # [rows, 2, NQ]
-    return tl.reshape(hl, [qt.shape[0], 2 * qt.shape[1]]).to(tl.int8)
+    return tl.reshape(hl, [qi.shape[0], 2 * qi.shape[1]]).to(tl.int8)
 
 
 @triton.jit
 @no_type_check  # Triton code: tuples grow in static loops
-def _field_query(q_cols, q_ok, st_row, inv, W: tl.constexpr, NB: tl.constexpr):
-    """The query matrices of a field of NB bytes of W-bit values, as _field_dot takes them."""
-    P: tl.constexpr = 8 // W
+def _field_query(qi, W: tl.constexpr, NB: tl.constexpr):
+    """The query matrices of a field of NB bytes of W-bit values, as _field_dot takes them,
+    from the integer query qi int32 [D, NQ] in channel order."""
     if NB >= 32:
-        offs = tl.arange(0, NB) * P
+        pl = _planes(qi, 8 // W)
         qm = ()
-        for j in tl.static_range(P):
-            qm = qm + (_query_rows(q_cols, q_ok, st_row, offs + j, inv),)
+        for j in tl.static_range(8 // W):
+            qm = qm + (_int_query(pl[j]),)
     else:
-        qm = (_query_rows(q_cols, q_ok, st_row, tl.arange(0, NB * P), inv),)
+        qm = (_int_query(qi),)
     return qm
 
 
@@ -205,6 +222,40 @@ def _combine(acc, BN: tl.constexpr, NQ: tl.constexpr):
 
 
 @triton.jit
+def _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N: tl.constexpr):
+    """Work item it = (segment s, chunk c of BLOCK_N keys): (s, key positions, valid rows)."""
+    s = it // cps
+    in_seg = (it - s * cps) * BLOCK_N + offs_n
+    rows = s * seg + in_seg
+    valid = (in_seg < seg) & (rows < n) & (it < item_hi)
+    return s, rows, valid
+
+
+@triton.jit
+def _segment(qt, st, lo, HALF: tl.constexpr, CB: tl.constexpr, NBC: tl.constexpr,
+             FB: tl.constexpr, NBF: tl.constexpr):
+    """Per range segment (lo, step [D]): the integer query (reference.quant_query_int) as the
+    query matrices of the coarse and fine fields, its scale sigma [NQ], and the constants of
+    the coarse and full bounds [NQ]."""
+    qstep = qt * st[:, None]                                                    # fl(q step)
+    amax = tl.max(tl.abs(qstep), axis=0)
+    ex = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 13, 1)
+    sigma = (ex << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - ex) << 23).to(tl.float32, bitcast=True)
+    qi = tl.ceil(qstep * inv[None, :]).to(tl.int32)
+    qi = tl.where(qstep > 0.0, tl.maximum(qi, 1), qi)
+    qmc = _field_query(qi, CB, NBC)
+    if FB > 0:
+        qmf = _field_query(qi, FB, NBF)
+    else:
+        qmf = qmc
+    cc = (tl.sum(qt * (lo + st * HALF)[:, None], axis=0)
+          + tl.sum(tl.abs(qt) * st[:, None], axis=0) * HALF)                    # coarse
+    fc = tl.sum(qt * lo[:, None], axis=0)                                       # full
+    return qmc, qmf, sigma, cc, fc
+
+
+@triton.jit
 @no_type_check  # Triton code: tuples grow per residual group, which mypy cannot follow
 def _quant_filter_kernel(
     q_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
@@ -239,8 +290,7 @@ def _quant_filter_kernel(
     offs_q = tl.arange(0, NQ)
     q_ok = offs_q < G
     heads = kh * G + offs_q
-    q_cols = q_ptr + heads * stride_qh
-    qt = tl.load(q_cols[None, :] + offs_d[:, None], mask=q_ok[None, :],
+    qt = tl.load(q_ptr + heads[None, :] * stride_qh + offs_d[:, None], mask=q_ok[None, :],
                  other=0.0).to(tl.float32)                                      # [D, NQ]
     qsq = qt * qt
     grp = offs_d // GRP
@@ -249,96 +299,112 @@ def _quant_filter_kernel(
         qns = qns + (tl.sqrt(tl.sum(tl.where((grp == gi)[:, None], qsq, 0.0), axis=0)),)
     tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
     slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
-    m_run = tl.full([NQ], float("-inf"), tl.float32)
-    s_run = tl.zeros([NQ], tl.float32)
 
     k_base = codes_ptr + kh.to(tl.int64) * stride_kh
     e_base = err_ptr + kh.to(tl.int64) * stride_eh
     c_base = cand_pos_ptr + kh.to(tl.int64) * stride_ch
+    r_base = kh.to(tl.int64) * stride_lh
     offs_n = tl.arange(0, BLOCK_N)
     offs_bc = tl.arange(0, NBC)
     offs_g = tl.arange(0, NG)
 
-    s = item_lo // cps
-    s_end = tl.cdiv(item_hi, cps)
-    while s < s_end:
-        # ---- per segment: the integer query (reference.quant_query_int) and constants ----
-        r_off = kh.to(tl.int64) * stride_lh + s.to(tl.int64) * stride_ls
-        st = tl.load(step_ptr + r_off + offs_d)
-        lo = tl.load(lo_ptr + r_off + offs_d)
-        qstep = qt * st[:, None]                                                # fl(q step)
-        amax = tl.max(tl.abs(qstep), axis=0)
-        ex = tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) - 13, 1)
-        sigma = (ex << 23).to(tl.float32, bitcast=True)
-        inv = ((254 - ex) << 23).to(tl.float32, bitcast=True)
-        qmc = _field_query(q_cols, q_ok, step_ptr + r_off, inv, CB, NBC)
-        if FB > 0:
-            qmf = _field_query(q_cols, q_ok, step_ptr + r_off, inv, FB, NBF)
-        cc = (tl.sum(qt * (lo + st * HALF)[:, None], axis=0)
-              + tl.sum(tl.abs(qt) * st[:, None], axis=0) * HALF)                # coarse
-        fc = tl.sum(qt * lo[:, None], axis=0)                                   # full
+    # Software pipeline (registers): the coarse fields, residual norms and range rows of item
+    # it + 1 are in flight while item it is bounded.
+    it = item_lo
+    s_n, rows_n, valid_n = _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N)
+    rows64 = rows_n.to(tl.int64)
+    hb_n = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
+                   mask=valid_n[:, None], other=0)
+    e_n = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :], mask=valid_n[:, None],
+                  other=0.0)
+    r_ok = (offs_d < D) & (it < item_hi)
+    st_n = tl.load(step_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok, other=0.0)
+    lo_n = tl.load(lo_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok, other=0.0)
+    s_cur = s_n
+    qmc, qmf, sigma, cc, fc = _segment(qt, st_n, lo_n, HALF, CB, NBC, FB, NBF)
+
+    # certificate: per (row lane, head) online logsumexp of scale * bound over the pruned keys,
+    # merged over rows once per program (no cross-thread traffic in the loop)
+    m_el = tl.full([BLOCK_N, NQ], float("-inf"), tl.float32)
+    s_el = tl.zeros([BLOCK_N, NQ], tl.float32)
+    while it < item_hi:
+        s = s_n
+        rows = rows_n
+        valid = valid_n
+        hb = hb_n
+        e = e_n.to(tl.float32)
+        st = st_n
+        lo = lo_n
+        # ---- prefetch item it + 1 ----
+        s_n, rows_n, valid_n = _item(it + 1, item_hi, cps, seg, n, offs_n, BLOCK_N)
+        rows64 = rows_n.to(tl.int64)
+        hb_n = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
+                       mask=valid_n[:, None], other=0)
+        e_n = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :],
+                      mask=valid_n[:, None], other=0.0)
+        r_ok = (offs_d < D) & (it + 1 < item_hi)
+        st_n = tl.load(step_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok,
+                       other=0.0)
+        lo_n = tl.load(lo_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok,
+                       other=0.0)
+        # ---- per segment: the integer query and the constants ----
+        if s != s_cur:
+            qmc, qmf, sigma, cc, fc = _segment(qt, st, lo, HALF, CB, NBC, FB, NBF)
+            s_cur = s
         sig_c = sigma * SHIFT
 
-        c = tl.maximum(item_lo - s * cps, 0)
-        c_hi = tl.minimum(item_hi - s * cps, cps)
-        while c < c_hi:
-            in_seg = c * BLOCK_N + offs_n
-            rows = s * seg + in_seg
-            valid = (in_seg < seg) & (rows < n)
-            rows64 = rows.to(tl.int64)
-            krow = k_base + rows64[:, None] * stride_kn
+        # ---- coarse stage: residual terms + coarse field, all heads ----
+        e_cols = _columns(e, BLOCK_N, NG)
+        et = e_cols[0][:, None] * qns[0][None, :]
+        for gi in tl.static_range(1, NG):
+            et += e_cols[gi][:, None] * qns[gi][None, :]
+        a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC), BLOCK_N, NQ)         # c . qi
+        coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
+        hit = (coarse >= tau[None, :]) & q_ok[None, :]
+        surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
 
-            # ---- coarse stage: residual terms + coarse field, all heads ----
-            e = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :],
-                        mask=valid[:, None], other=0.0).to(tl.float32)          # [BN, NG]
-            e_cols = _columns(e, BLOCK_N, NG)
-            et = e_cols[0][:, None] * qns[0][None, :]
-            for gi in tl.static_range(1, NG):
-                et += e_cols[gi][:, None] * qns[gi][None, :]
-            hb = tl.load(krow + offs_bc[None, :], mask=valid[:, None], other=0)
-            a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC), BLOCK_N, NQ)     # c . qi
-            coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
-            hit = (coarse >= tau[None, :]) & q_ok[None, :]
-            surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
+        # ---- fine stage: the low field of the survivors, full bound ----
+        if FB > 0:
+            full = coarse
+            if tl.max(surv.to(tl.int32), axis=0) > 0:
+                offs_bf = tl.arange(0, NBF)
+                krow = k_base + rows.to(tl.int64)[:, None] * stride_kn
+                lb = tl.load(krow + NBC + offs_bf[None, :], mask=surv[:, None], other=0)
+                # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
+                a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF), BLOCK_N, NQ)
+                full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) + slack[None, :]
+            hit_f = (full >= tau[None, :]) & q_ok[None, :]
+            cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
+            bnd = tl.where(surv[:, None], full, coarse)
+        else:
+            cand = surv
+            bnd = coarse
 
-            # ---- fine stage: the low field of the survivors, full bound ----
-            if FB > 0:
-                full = coarse
-                if tl.max(surv.to(tl.int32), axis=0) > 0:
-                    offs_bf = tl.arange(0, NBF)
-                    lb = tl.load(krow + NBC + offs_bf[None, :], mask=surv[:, None], other=0)
-                    # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
-                    a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF), BLOCK_N, NQ)
-                    full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) \
-                        + slack[None, :]
-                hit_f = (full >= tau[None, :]) & q_ok[None, :]
-                cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
-                bnd = tl.where(surv[:, None], full, coarse)
-            else:
-                cand = surv
-                bnd = coarse
+        # ---- certificate: x = scale * bound (log2 units) of the pruned keys ----
+        x = tl.where((valid & (~cand))[:, None] & q_ok[None, :], bnd * scale_log2,
+                     float("-inf"))
+        # one exp2 per entry: exp2(-|x - m|) rescales whichever of (sum, new term) is smaller
+        up = x > m_el
+        mx = tl.maximum(m_el, x)
+        ex = tl.exp2(tl.minimum(m_el, x) - tl.where(mx == float("-inf"), 0.0, mx))
+        s_el = tl.where(up, s_el * ex + 1.0, s_el + ex)
+        m_el = mx
 
-            # ---- certificate: online logsumexp of scale * bound over non-candidates ----
-            pruned = valid & (~cand)
-            x = tl.where(pruned[:, None] & q_ok[None, :], bnd * scale_log2, float("-inf"))
-            m_new = tl.maximum(m_run, tl.max(x, axis=0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s_run = s_run * tl.exp2(m_run - m_use) + tl.sum(tl.exp2(x - m_use[None, :]), axis=0)
-            m_run = m_new
-
-            # ---- compaction: one atomic per block reserves the block's slot range ----
-            ci = cand.to(tl.int32)
-            cnt = tl.sum(ci, axis=0)
-            if cnt > 0:
-                start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
-                slot = start + tl.cumsum(ci, axis=0) - ci
-                tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
-            c += 1
-        s += 1
+        # ---- compaction: one atomic per block reserves the block's slot range ----
+        ci = cand.to(tl.int32)
+        cnt = tl.sum(ci, axis=0)
+        if cnt > 0:
+            start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
+            slot = start + tl.cumsum(ci, axis=0) - ci
+            tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
+        it += 1
 
     # ---- publish this program's partial (max, sum) per head ----
+    m_run = tl.max(m_el, axis=0)
+    m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
+    s_run = tl.sum(s_el * tl.exp2(m_el - m_ref[None, :]), axis=0)              # rel. to m_run
     slot_ws = (kh * num_splits + split) * 2 * G
-    tl.store(ws_ptr + slot_ws + offs_q, m_run, mask=q_ok)         # s_run is relative to m_run
+    tl.store(ws_ptr + slot_ws + offs_q, m_run, mask=q_ok)
     tl.store(ws_ptr + slot_ws + G + offs_q, s_run, mask=q_ok)
 
     # every thread's stores and slot reservations are ordered before the ticket
@@ -432,6 +498,7 @@ def quant_filter(
     num_splits: int | None = None,
     block_n: int | None = None,
     num_warps: int = 4,
+    maxnreg: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates of a QUANT index for one decode step (two-stage bound, see the module doc).
 
@@ -464,8 +531,9 @@ def quant_filter(
         cand_count: optional int32 [Hkv] output; pruned_lse: optional float32 [Hq] output.
             All outputs are fully written by the kernel (no zeroing needed; allocated when
             None).
-        num_splits, block_n, num_warps: tuning overrides (programs per KV head, keys per block,
-            warps per program); the defaults fill the device.
+        num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
+            per block, warps per program, register cap per thread); the defaults fill the
+            device.
 
     Returns:
         (cand_pos int32 [Hkv, C], cand_count int32 [Hkv], pruned_lse float32 [Hq]): see the
@@ -550,6 +618,8 @@ def quant_filter(
         check_int("num_splits", num_splits, 1, 1 << 20)
     if not (isinstance(num_warps, int) and num_warps in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
+    if maxnreg is not None:
+        check_int("maxnreg", maxnreg, 32, 255)
 
     _check_out("cand_pos", cand_pos, (hkv,), torch.int32, device, min_cols=n_max)
     _check_out("cand_count", cand_count, (hkv,), torch.int32, device)
@@ -569,8 +639,10 @@ def quant_filter(
     else:
         blocks_max = max(1, triton.cdiv(n_max, bn))
     if num_splits is None:
-        target = 2 * num_sms(device)
-        num_splits = max(1, min(triton.cdiv(target, hkv), triton.cdiv(blocks_max, 2)))
+        # at least two programs per SM, at most 8 blocks each (more programs than fit hide
+        # more latency on long ranges; measured on an H200 at 4k-128k keys), at least 2 blocks
+        num_splits = max(1, min(max(triton.cdiv(2 * num_sms(device), hkv),
+                                    triton.cdiv(blocks_max, 8)), triton.cdiv(blocks_max, 2)))
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, 2 * hkv)
 
@@ -580,11 +652,11 @@ def quant_filter(
         n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
         q.stride(0), codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
         stride_lh, stride_ls, cand_pos.stride(0),
-        G=g, D=d, NQ=max(8, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
+        G=g, D=d, NQ=max(4, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return cand_pos, cand_count, pruned_lse
 
