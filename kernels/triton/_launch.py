@@ -1,7 +1,6 @@
-"""Host-side helpers shared by the Triton launchers (attention.py, quant_filter.py).
+"""Host-side helpers shared by the Triton launchers (attention.py, quant_filter.py, decode.py).
 
-Host code only (no Triton kernels), so that a launcher module can be reloaded under the Triton
-interpreter without reloading this one.
+Host code only; the device-side helpers shared by the kernels are in _device.py.
 """
 
 from __future__ import annotations

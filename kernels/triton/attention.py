@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
+from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
     CounterPool,
@@ -91,15 +92,6 @@ __all__ = ["sparse_attention"]
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_bound(ptr, value, ON_DEVICE: tl.constexpr):
-    """A position bound: from a 1-element device tensor when ON_DEVICE, else the scalar."""
-    if ON_DEVICE:
-        return tl.load(ptr).to(tl.int32)
-    else:
-        return value
 
 
 @triton.jit
@@ -159,15 +151,15 @@ def _sparse_attention_kernel(
     NCV: tl.constexpr = DV // CV
 
     # ---- extent of this KV head's virtual candidate list (clamped: never trust the inputs) ----
-    b_start = _load_bound(buf_start_ptr, buf_start, BUF_START_ON_DEVICE)
-    b_end = _load_bound(buf_end_ptr, buf_end, BUF_END_ON_DEVICE)
+    b_start = load_scalar(buf_start_ptr, buf_start, BUF_START_ON_DEVICE)
+    b_end = load_scalar(buf_end_ptr, buf_end, BUF_END_ON_DEVICE)
     b_start = tl.minimum(tl.maximum(b_start, 0), cap)
     b_end = tl.minimum(tl.maximum(b_end, b_start), cap)
     if SPARSE:
         n_cand = tl.load(cand_count_ptr + kh).to(tl.int32)
         n_cand = tl.minimum(tl.maximum(n_cand, 0), max_c)
     else:
-        n_cand = _load_bound(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
+        n_cand = load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
         n_cand = tl.minimum(tl.maximum(n_cand, 0), b_start)
     total = n_cand + (b_end - b_start)
     n_blocks = tl.cdiv(total, BLOCK_N)

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
+from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import next_pow2
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.quant_filter import quant_filter
@@ -134,12 +135,8 @@ def _prologue_kernel(
     elif MODE == 1:
         tl.store(tau_ptr + h, tl.load(tau_in_ptr + h))
     else:
-        if ON_DEVICE:
-            n = tl.load(n_ptr).to(tl.int32)
-            total = tl.load(total_ptr).to(tl.int32)
-        else:
-            n = n_value
-            total = total_value
+        n = load_scalar(n_ptr, n_value, ON_DEVICE)
+        total = load_scalar(total_ptr, total_value, ON_DEVICE)
         total = tl.minimum(tl.maximum(total, 0), cap)
         n = tl.minimum(tl.maximum(n, 0), total)
         head = tl.minimum(total, SINKS)

@@ -92,6 +92,7 @@ import triton
 import triton.language as tl
 
 from louver_kernels import reference as ref
+from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
     CounterPool,
@@ -110,15 +111,6 @@ _LOG2E = 1.4426950408889634
 # ----------------------------------------------------------------------------------------------
 # Kernel
 # ----------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _load_n(ptr, value, ON_DEVICE: tl.constexpr):
-    """num_indexed: from a 1-element device tensor when ON_DEVICE, else the scalar."""
-    if ON_DEVICE:
-        return tl.load(ptr).to(tl.int32)
-    else:
-        return value
 
 
 @triton.jit
@@ -273,7 +265,7 @@ def _quant_filter_kernel(
     SHIFT: tl.constexpr = 1 << FB
 
     # ---- this program's work: items (segment s, chunk c of BLOCK_N keys of the segment) ----
-    n = _load_n(n_ptr, n_value, N_ON_DEVICE)
+    n = load_scalar(n_ptr, n_value, N_ON_DEVICE)
     n = tl.minimum(tl.maximum(n, 0), cap_out)
     if SEGMENTED:
         seg = seg_size

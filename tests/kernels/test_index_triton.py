@@ -7,28 +7,18 @@ Without CUDA the kernels run under Triton's interpreter on CPU tensors (small sh
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative
+from louver_kernels import reference as ref
+from louver_kernels.index import MAX_QUERY_ABS, AttendOutput
+from louver_kernels.triton import decode
+from tests.kernels.keygen import make_keys
+
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("louver_kernels.triton.attention", "louver_kernels.triton.quant_filter",
-                 "louver_kernels.triton.decode"):
-        if name in sys.modules:
-            importlib.reload(sys.modules[name])
-
-from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative  # noqa: E402
-from louver_kernels import reference as ref  # noqa: E402
-from louver_kernels.index import MAX_QUERY_ABS, AttendOutput  # noqa: E402
-from louver_kernels.triton import decode  # noqa: E402
-from tests.kernels.keygen import make_keys  # noqa: E402
-
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 

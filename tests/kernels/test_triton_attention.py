@@ -1,7 +1,7 @@
 """sparse_attention (Triton, split-K) against reference.masked_attention.
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1 must be set
-before the kernel is defined), on tiny shapes. With CUDA the same tests run on the GPU, plus
+Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on tiny shapes. With CUDA the same tests run on the GPU, plus
 larger shapes and a repeated-launch check of the cross-program combine.
 
 Every test draws fresh random data (the seed is in the failure message), poisons the
@@ -13,24 +13,16 @@ same cases.
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 
 import pytest
 import torch
 
+from louver_kernels import reference as ref
+from louver_kernels.triton.attention import sparse_attention
+
 CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # the kernel module may have been imported (and compiled for a GPU) by an earlier import
-    if "louver_kernels.triton.attention" in sys.modules:
-        importlib.reload(sys.modules["louver_kernels.triton.attention"])
-
-from louver_kernels import reference as ref  # noqa: E402
-from louver_kernels.triton.attention import sparse_attention  # noqa: E402
-
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DIMS = ((64, 64), (128, 128))

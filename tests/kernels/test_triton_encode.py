@@ -8,46 +8,38 @@ value, which every case below asserts except the ones built to show where it doe
 near 2^64, where the float64 sum of squares rounds below the exact norm: the kernel is then
 one float32 ulp higher, and sound).
 
-Without CUDA the kernel runs under Triton's interpreter (TRITON_INTERPRET=1 set before the
-kernel module is imported), on small shapes. With CUDA the same tests run on the GPU, against
+Without CUDA the kernel runs under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on small shapes. With CUDA the same tests run on the GPU, against
 the reference evaluated on the CPU (torch on CUDA divides by a scalar with a reciprocal
 multiplication, see encode.py).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    if "louver_kernels.triton.encode" in sys.modules:
-        importlib.reload(sys.modules["louver_kernels.triton.encode"])
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from louver_kernels import IndexConfig, IndexKind, LouverIndex  # noqa: E402
-from louver_kernels import reference as ref  # noqa: E402
-from louver_kernels.triton import encode  # noqa: E402
-from louver_kernels.triton.decode import slack_coef  # noqa: E402
-from louver_kernels.triton.encode import (  # noqa: E402
+from louver_kernels import IndexConfig, IndexKind, LouverIndex
+from louver_kernels import reference as ref
+from louver_kernels.triton import encode
+from louver_kernels.triton.decode import slack_coef
+from louver_kernels.triton.encode import (
     _row_sum,
     _ru32_sqrt,
     _square,
     quant_encode_packed,
 )
-from tests.kernels.keygen import make_keys  # noqa: E402
+from tests.kernels.keygen import make_keys
 
+CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 # the interpreter warns when float16 err overflows to +inf (huge residuals), as intended

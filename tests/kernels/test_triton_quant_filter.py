@@ -1,7 +1,7 @@
 """quant_filter (Triton) against quant_filter_reference / LouverIndex.bounds.
 
-Without CUDA the kernel runs under the Triton interpreter (TRITON_INTERPRET=1 must be set
-before the kernel is defined), on tiny shapes. With CUDA the same tests run on the GPU, plus
+Without CUDA the kernel runs under the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), on tiny shapes. With CUDA the same tests run on the GPU, plus
 larger shapes and repeated launches (the self-resetting counters).
 
 Every test draws fresh random data (the seed is in the failure message) and poisons the
@@ -10,34 +10,25 @@ preallocated outputs first (cand_pos -7, cand_count -5, pruned_lse NaN).
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 from typing import Any
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-    # the kernel module may have been imported (and compiled for a GPU) by an earlier import
-    if "louver_kernels.triton.quant_filter" in sys.modules:
-        importlib.reload(sys.modules["louver_kernels.triton.quant_filter"])
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from louver_kernels import IndexConfig, IndexKind, LouverIndex  # noqa: E402
-from louver_kernels import reference as ref  # noqa: E402
-from louver_kernels.triton.quant_filter import (  # noqa: E402
+from louver_kernels import IndexConfig, IndexKind, LouverIndex
+from louver_kernels import reference as ref
+from louver_kernels.triton.quant_filter import (
     _expand,
     quant_filter,
     quant_filter_reference,
 )
-from tests.kernels.keygen import make_keys  # noqa: E402
+from tests.kernels.keygen import make_keys
 
+CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 POISON_POS = -7
 POISON_CNT = -5
