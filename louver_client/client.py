@@ -148,10 +148,20 @@ class _ClientCore:
         """Whether a failed Append stream may be sent again (idempotent by protocol)."""
         return err.code in self.retry_policy.retryable and self.retry_policy.max_attempts > 1
 
-    def _retry_delay(self, call: _Call[Any], err: LouverError, attempt: int,
-                     deadline: float | None) -> float | None:
+    def _after_failure(self, call: _Call[_T], err: LouverError, attempt: int,
+                       deadline: float | None) -> _Done[_T] | _Call[_T] | float:
+        """What follows failed attempt number ``attempt``: a recovered result, a follow-up
+        call, or the seconds to wait before the next attempt. Raises ``err`` when the call is
+        not retried (the retry policy's decision)."""
+        if attempt > 1 and call.recover is not None:
+            follow = call.recover(err)
+            if follow is not None:
+                return follow
         left = None if deadline is None else deadline - time.monotonic()
-        return self.retry_policy.next_delay(err, attempt, call.idempotent, left)
+        delay = self.retry_policy.next_delay(err, attempt, call.idempotent, left)
+        if delay is None:
+            raise err
+        return delay
 
     # ------------------------------------------------------------------ call builders
 
@@ -347,16 +357,12 @@ class LouverClient(_ClientCore):
                     raise error_from_exception(exc) from exc
                 return _decode_guard(call.decode, response)
             except LouverError as err:
-                if attempt > 1 and call.recover is not None:
-                    follow = call.recover(err)
-                    if isinstance(follow, _Done):
-                        return follow.value
-                    if follow is not None:
-                        return self._run(follow)
-                delay = self._retry_delay(call, err, attempt, deadline)
-                if delay is None:
-                    raise
-                time.sleep(delay)
+                after = self._after_failure(call, err, attempt, deadline)
+            if isinstance(after, _Done):
+                return after.value
+            if isinstance(after, _Call):
+                return self._run(after)
+            time.sleep(after)
 
     # ------------------------------------------------------------------ API
 
@@ -653,16 +659,12 @@ class AsyncLouverClient(_ClientCore):
                     raise error_from_exception(exc) from exc
                 return _decode_guard(call.decode, response)
             except LouverError as err:
-                if attempt > 1 and call.recover is not None:
-                    follow = call.recover(err)
-                    if isinstance(follow, _Done):
-                        return follow.value
-                    if follow is not None:
-                        return await self._run(follow)
-                delay = self._retry_delay(call, err, attempt, deadline)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
+                after = self._after_failure(call, err, attempt, deadline)
+            if isinstance(after, _Done):
+                return after.value
+            if isinstance(after, _Call):
+                return await self._run(after)
+            await asyncio.sleep(after)
 
     async def create_session(self, num_layers: int, num_q_heads: int, num_kv_heads: int,
                              head_dim: int, value_dim: int | None = None,
