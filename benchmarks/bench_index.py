@@ -7,9 +7,10 @@ then query with its q. Per step and query head we record, for each threshold pol
 - the true fraction {n : q.k_n >= tau} / N (what any exact method must attend),
 - the candidate fraction (bound >= tau, plus the buffer) / N,
 - bytes a kernel reads per layer-step: index records (QUANT: the top ``quant_coarse_bits`` bits
-  of every indexed key's codes and its residual norms, the low bits of the keys whose coarse
-  bound reaches tau), K of the candidates and V of the attended keys (each as the union
-  over a GQA group, read once per KV head), the buffer's K and V; against dense K+V bytes,
+  of every indexed key's codes, its residual norms and range tables, the low bits of the keys
+  whose coarse bound reaches tau), K of the candidates and of the threshold's probe keys and V
+  of the attended keys (each as the union over a GQA group, read once per KV head), the
+  buffer's K and V; against dense K+V bytes,
 - a zero-false-negative check of every step.
 
 Also: index bytes per key vs KV bytes per key, build and flush time, and the candidate fraction
@@ -44,6 +45,9 @@ VARIANTS: dict[str, IndexConfig] = {
     "quant_b6_p2": IndexConfig(kind=IndexKind.QUANT, quant_bits=6, quant_coarse_bits=2),
     "quant_b5_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=5, quant_coarse_bits=4),
     "quant_b4_p4": IndexConfig(kind=IndexKind.QUANT, quant_bits=4, quant_coarse_bits=4),
+    # the default codes with a shorter buffer and probe window (fewer keys read densely)
+    "quant_b6_p4_buf128": IndexConfig(kind=IndexKind.QUANT, buffer_size=128, probe_recent=128),
+    "quant_b6_p4_buf64": IndexConfig(kind=IndexKind.QUANT, buffer_size=64, probe_recent=64),
 }
 POLICIES = {"rel_1e-2": Relative(1e-2), "rel_1e-3": Relative(1e-3), "rel_1e-4": Relative(1e-4),
             "top20": TopK(20), "mass_1e-3": Mass(1e-3)}
@@ -58,12 +62,26 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def probe_mask(index: LouverIndex, policy: object) -> torch.Tensor:
+    """bool [n]: the indexed keys whose K the threshold's probe reads (sink tokens and the
+    indexed part of the recent window, LouverIndex._probe_max), for the policies that probe."""
+    n = index.num_indexed
+    mask = torch.zeros(n, dtype=torch.bool)
+    if isinstance(policy, (Relative, Mass)):
+        cfg = index.config
+        recent = max(cfg.probe_recent - (index.num_keys - n), 0)
+        mask[: min(cfg.sink_tokens, n)] = True
+        mask[max(n - recent, 0):] = True
+    return mask
+
+
 def step_stats(index: LouverIndex, q: torch.Tensor, name: str) -> dict[str, float]:
     """One decode step under one policy: fractions, bytes and the false-negative check."""
     keys, _ = index.keys_range(0, index.num_keys)
     s = ref.scores(q, keys)
     n, total = index.num_indexed, index.num_keys
-    out = index.attend(q, POLICIES[name])
+    policy = POLICIES[name]
+    out = index.attend(q, policy)
     tau = out.tau
     ub = index.bounds(q)
     cand = ub >= tau[:, None]
@@ -71,21 +89,23 @@ def step_stats(index: LouverIndex, q: torch.Tensor, name: str) -> dict[str, floa
     missed = true_mask[:, :n] & ~cand
     hq, hkv = q.shape[0], index.num_kv_heads
     g = hq // hkv
-    cand_union = cand.reshape(hkv, g, n).any(dim=1).sum().item()
+    # K of the group's candidates and of the probe keys (each read once per KV head)
+    k_read = (cand.reshape(hkv, g, n).any(dim=1) | probe_mask(index, policy)[None]).sum().item()
     att_union = (cand & true_mask[:, :n]).reshape(hkv, g, n).any(dim=1).sum().item()
     item = keys.element_size()
     d, dv = index.head_dim, index.value_dim
     buf = total - n
     cfg = index.config
+    record = LouverIndex.record_bytes(d, cfg)
     if cfg.kind is IndexKind.QUANT and cfg.quant_coarse_bits < cfg.quant_bits:
-        top = cfg.quant_coarse_bits
-        coarse = (index.bounds(q, top=top) >= tau[:, None]).reshape(hkv, g, n).any(dim=1)
-        rest = LouverIndex.record_bytes(d, cfg) - d * top // 8
-        scan = hkv * n * d * top // 8 + int(coarse.sum().item()) * rest
+        # every key: the coarse field, residual norms and ranges; survivors: the fine field
+        fine = d * (cfg.quant_bits - cfg.quant_coarse_bits) // 8
+        coarse = (index.bounds(q, top=cfg.quant_coarse_bits) >= tau[:, None]
+                  ).reshape(hkv, g, n).any(dim=1)
+        scan = hkv * n * (record - fine) + int(coarse.sum().item()) * fine
     else:
-        scan = hkv * n * LouverIndex.record_bytes(d, cfg)
-    read = (scan + cand_union * d * item + att_union * dv * item
-            + hkv * buf * (d + dv) * item)
+        scan = hkv * n * record
+    read = scan + k_read * d * item + att_union * dv * item + hkv * buf * (d + dv) * item
     dense = hkv * total * (d + dv) * item
     true_frac = true_mask.float().mean().item()
     cand_frac = ((cand.sum(dim=1) + buf).float() / total).mean().item()
