@@ -11,6 +11,7 @@ from louver_client.errors import invalid_argument
 from louver_kernels.config import IndexConfig
 from louver_kernels.index import AttendOutput
 from louver_kernels.threshold import Policy
+from louver_proto import codec
 
 if TYPE_CHECKING:
     from louver_client.session import SessionLike
@@ -19,7 +20,7 @@ __all__ = ["AppendResult", "AttendItem", "AttendOutput", "Geometry", "SessionInf
            "STORAGE_DTYPES"]
 
 #: dtypes a session may store its K/V in.
-STORAGE_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+STORAGE_DTYPES: tuple[torch.dtype, ...] = codec.FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -47,16 +48,10 @@ class Geometry:
     def __post_init__(self) -> None:
         if self.value_dim is None or self.value_dim == 0:
             object.__setattr__(self, "value_dim", self.head_dim)
-        for name in ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "value_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise invalid_argument(f"geometry.{name} must be an integer >= 1, got {value!r}")
-        if self.num_q_heads % self.num_kv_heads:
-            raise invalid_argument(f"geometry.num_q_heads={self.num_q_heads} must be a multiple "
-                                   f"of num_kv_heads={self.num_kv_heads}")
-        if self.dtype not in STORAGE_DTYPES:
-            raise invalid_argument(f"geometry.dtype must be one of "
-                                   f"{[str(d) for d in STORAGE_DTYPES]}, got {self.dtype}")
+        problem = codec.geometry_problem(
+            {name: getattr(self, name) for name in codec.GEOMETRY_SIZES}, self.dtype)
+        if problem:
+            raise invalid_argument(problem)
 
     @property
     def dv(self) -> int:

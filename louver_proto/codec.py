@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -34,6 +34,28 @@ _TO_PB: dict[torch.dtype, pb.DType] = {
 }
 _FROM_PB: dict[int, torch.dtype] = {int(v): k for k, v in _TO_PB.items()}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GEOMETRY_SIZES = ("num_layers", "num_q_heads", "num_kv_heads", "head_dim", "value_dim")
+
+
+def geometry_problem(sizes: Mapping[str, object], dtype: torch.dtype,
+                     limits: Mapping[str, int] | None = None) -> str | None:
+    """Why a model geometry is invalid, as a message naming the field, or None: every size of
+    GEOMETRY_SIZES an integer >= 1 (and <= its limit, when limits are given), num_q_heads a
+    multiple of num_kv_heads, the K/V dtype one of FLOAT_DTYPES. The one rule set of the SDK
+    and the server (each raises its own error type with the message)."""
+    for name in GEOMETRY_SIZES:
+        value = sizes[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"geometry.{name} must be an integer >= 1, got {value!r}"
+        if limits is not None and value > limits[name]:
+            return f"geometry.{name} must be in [1, {limits[name]}], got {value}"
+    q, kv = sizes["num_q_heads"], sizes["num_kv_heads"]
+    assert isinstance(q, int) and isinstance(kv, int)  # checked above
+    if q % kv:
+        return f"geometry.num_q_heads={q} must be a multiple of num_kv_heads={kv}"
+    if dtype not in FLOAT_DTYPES:
+        return f"geometry.dtype must be float16, bfloat16 or float32, got {dtype}"
+    return None
 
 
 def dtype_to_proto(dtype: torch.dtype) -> pb.DType:

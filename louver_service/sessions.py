@@ -29,12 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from louver_kernels import IndexConfig, LouverIndex, Policy
+from louver_proto import codec
 from louver_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from louver_service.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-KV_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SESSION_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_LAYERS = 4096
 MAX_HEADS = 4096
@@ -57,18 +57,12 @@ class Geometry:
     dtype: torch.dtype
 
     def __post_init__(self) -> None:
-        limits = {"num_layers": MAX_LAYERS, "num_q_heads": MAX_HEADS,
-                  "num_kv_heads": MAX_HEADS, "head_dim": MAX_HEAD_DIM, "value_dim": MAX_HEAD_DIM}
-        for name, limit in limits.items():
-            value = getattr(self, name)
-            if not 1 <= value <= limit:
-                raise InvalidArgument(f"geometry.{name} must be in [1, {limit}], got {value}")
-        if self.num_q_heads % self.num_kv_heads:
-            raise InvalidArgument(f"geometry.num_q_heads={self.num_q_heads} must be a multiple "
-                                  f"of num_kv_heads={self.num_kv_heads}")
-        if self.dtype not in KV_DTYPES:
-            raise InvalidArgument(f"geometry.dtype must be float16, bfloat16 or float32, got "
-                                  f"{self.dtype}")
+        problem = codec.geometry_problem(
+            {name: getattr(self, name) for name in codec.GEOMETRY_SIZES}, self.dtype,
+            {"num_layers": MAX_LAYERS, "num_q_heads": MAX_HEADS, "num_kv_heads": MAX_HEADS,
+             "head_dim": MAX_HEAD_DIM, "value_dim": MAX_HEAD_DIM})
+        if problem:
+            raise InvalidArgument(problem)
 
 
 @dataclass(frozen=True)
