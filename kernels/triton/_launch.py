@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the Triton launchers (attention.py, quant_filter.py, decode.py).
+"""Host-side helpers shared by the Triton launchers (attention.py, encode.py,
+quant_filter.py, decode.py).
 
 Host code only; the device-side helpers shared by the kernels are in _device.py.
 """

@@ -240,7 +240,7 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     bound read on the device (what CapturedStep records). ``stages`` < 3 runs only the first
     launches (profiling: the outputs of the others are then stale); ``tuning`` passes launch
     overrides to the kernels ({"filter": {...}, "attention": {...}}: num_splits, block_n,
-    num_warps)."""
+    num_warps; maxnreg for the filter)."""
     tuning = tuning or {}
     cfg = index.config
     if stages < 1:
