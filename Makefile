@@ -30,7 +30,7 @@ test: env
 
 lint: env
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy kernels louver_service louver_client louver_proto
+	$(VENV)/bin/mypy kernels louver_service louver_client louver_proto benchmarks tests
 
 bench-index: env
 	$(PY) -m benchmarks.capture --tokens 8192 --layers 0,5,10,15,20,25,29 --out data/captures/smollm2_8k.pt

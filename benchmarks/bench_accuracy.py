@@ -294,7 +294,7 @@ def passkey_task(bench: Bench, rows: list[Row], lengths: list[int], depths: list
 
 def agreement_task(bench: Bench, rows: list[Row], lengths: list[int], tokens: int
                    ) -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for length in lengths:
         skip, question = AGREEMENT_QUESTIONS[len(out) % len(AGREEMENT_QUESTIONS)]
         ids = long_prompt(bench.tok, length, question, skip=skip)
@@ -423,12 +423,13 @@ def plot(summary: list[dict[str, Any]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = [("passkey", "passkey accuracy"), ("agreement", "greedy token agreement"),
-             ("nll", "teacher-forced NLL (nats/token)")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    tasks = [(task, label) for task, label in (
+        ("passkey", "passkey accuracy"), ("agreement", "greedy token agreement"),
+        ("nll", "teacher-forced NLL (nats/token)")) if any(task in e for e in summary)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.4 * len(tasks), 4.8), squeeze=False)
     colors = {"louver": "tab:blue", "quest": "tab:orange", "sinks": "tab:green",
               "dense": "black"}
-    for ax, (task, label) in zip(axes, tasks, strict=True):
+    for ax, (task, label) in zip(axes[0], tasks, strict=True):
         for e in summary:
             if task not in e:
                 continue
