@@ -1,4 +1,4 @@
-"""Unit tests of the pieces with no server: error mapping and batch planning."""
+"""Unit tests of the pieces with no server: error mapping, geometry rules and batch planning."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import grpc
 import torch
 
 from louver_kernels import IndexConfig, Relative
-from louver_proto.codec import CodecError
+from louver_proto.codec import CodecError, geometry_problem
 from louver_service.engine import AttendJob, plan_batches
-from louver_service.errors import ResourceExhausted, Unavailable, to_status
+from louver_service.errors import InvalidArgument, ResourceExhausted, Unavailable, to_status
 from louver_service.metrics import Metrics
 from louver_service.sessions import Geometry, Session, SessionSpec
 
@@ -35,6 +35,31 @@ def _session(name: str, dtype: torch.dtype = torch.float16) -> Session:
     g = Geometry(num_layers=2, num_q_heads=4, num_kv_heads=2, head_dim=16, value_dim=16,
                  dtype=dtype)
     return Session(name, SessionSpec(g, IndexConfig(), Relative(1e-3)), torch.device("cpu"))
+
+
+def test_geometry_rules_are_shared_by_sdk_and_server() -> None:
+    from louver_client.errors import LouverError as ClientError
+    from louver_client.types import Geometry as ClientGeometry
+
+    ok = {"num_layers": 2, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64, "value_dim": 64}
+    assert geometry_problem(ok, torch.float16) is None
+    cases = [({"num_q_heads": 8}, torch.float16, "multiple of num_kv_heads"),
+             ({"head_dim": 0}, torch.float16, "geometry.head_dim must be an integer >= 1"),
+             ({"num_layers": True}, torch.float16, "geometry.num_layers"),
+             ({}, torch.int8, "geometry.dtype")]
+    for change, dtype, words in cases:
+        sizes = {**ok, **change}
+        problem = geometry_problem(sizes, dtype)
+        assert problem is not None and words in problem
+        for make, error in ((ClientGeometry, ClientError), (Geometry, InvalidArgument)):
+            try:
+                make(**sizes, dtype=dtype)
+            except error as exc:
+                assert problem in str(exc)
+            else:
+                raise AssertionError(f"{make.__module__}.Geometry accepted {sizes} {dtype}")
+    limited = geometry_problem({**ok, "head_dim": 8192}, torch.float16, {**ok, "head_dim": 4096})
+    assert limited == "geometry.head_dim must be in [1, 4096], got 8192"
 
 
 def test_plan_batches_groups_and_keeps_order() -> None:
