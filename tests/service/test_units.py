@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import torch
@@ -41,12 +42,14 @@ def test_geometry_rules_are_shared_by_sdk_and_server() -> None:
     from louver_client.errors import LouverError as ClientError
     from louver_client.types import Geometry as ClientGeometry
 
-    ok = {"num_layers": 2, "num_q_heads": 9, "num_kv_heads": 3, "head_dim": 64, "value_dim": 64}
+    ok: dict[str, Any] = {"num_layers": 2, "num_q_heads": 9, "num_kv_heads": 3,
+                          "head_dim": 64, "value_dim": 64}
     assert geometry_problem(ok, torch.float16) is None
-    cases = [({"num_q_heads": 8}, torch.float16, "multiple of num_kv_heads"),
-             ({"head_dim": 0}, torch.float16, "geometry.head_dim must be an integer >= 1"),
-             ({"num_layers": True}, torch.float16, "geometry.num_layers"),
-             ({}, torch.int8, "geometry.dtype")]
+    cases: list[tuple[dict[str, Any], torch.dtype, str]] = [
+        ({"num_q_heads": 8}, torch.float16, "multiple of num_kv_heads"),
+        ({"head_dim": 0}, torch.float16, "geometry.head_dim must be an integer >= 1"),
+        ({"num_layers": True}, torch.float16, "geometry.num_layers"),
+        ({}, torch.int8, "geometry.dtype")]
     for change, dtype, words in cases:
         sizes = {**ok, **change}
         problem = geometry_problem(sizes, dtype)
