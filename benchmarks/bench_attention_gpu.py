@@ -32,6 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_common import copy_bandwidth
+
 CONFIGS = ((9, 3, 64), (32, 8, 128))
 SIZES = (4096, 32768, 131072)
 FRACTIONS = (0.02, 0.05, 0.10, 0.20)
@@ -72,15 +74,6 @@ def _wall_ms(fn: Callable[[], Any], calls: int = 200) -> float:
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3 / calls
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (read + write)."""
-    n = 2**30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = _median_ms(lambda: b.copy_(a))
-    return 2 * n / (ms * 1e-3)
 
 
 class Rotation:
@@ -194,7 +187,7 @@ def main() -> int:
 
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(torch.device("cuda"))
     hw = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__,
               triton=triton.__version__, python=platform.python_version(),
               copy_bw_gbps=copy_bw / 1e9)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
+from benchmarks.gpu_common import copy_bandwidth
 from louver_kernels import IndexConfig, IndexKind, LouverIndex
 from louver_kernels import reference as ref
 from louver_kernels.triton.quant_filter import quant_filter
@@ -41,14 +42,6 @@ BITS, COARSE, GROUP, SEGMENT = 6, 4, 16, 256
 SHAPES = ((9, 3, 64), (32, 8, 128))
 SIZES = (32 * 1024, 128 * 1024, 1024 * 1024)
 FRACTIONS = (0.05, 0.20)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Device-to-device copy bandwidth, bytes/s, read + write counted (1 GiB buffers)."""
-    x = torch.empty(1 << 30, dtype=torch.uint8, device=device).random_(0, 255)
-    y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), return_mode="median")
-    return 2 * x.numel() / (ms * 1e-3)
 
 
 def make_index(hkv: int, n: int, d: int, gen: torch.Generator, device: torch.device

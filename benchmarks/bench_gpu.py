@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from benchmarks.gpu_common import copy_bandwidth
 from louver_kernels import Dense, IndexConfig, LouverIndex, Relative
 from louver_kernels import reference as ref
 from louver_kernels.triton.decode import CapturedStep
@@ -43,17 +44,6 @@ from louver_kernels.triton.decode import CapturedStep
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a device-to-device copy (read + write counted)."""
-    import triton.testing
-
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
-                                 return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
 
 
 def _replay_us(index: LouverIndex, policy: Relative | Dense, q: torch.Tensor, stages: int = 3,
