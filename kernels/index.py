@@ -150,8 +150,7 @@ class LouverIndex:
             groups = head_dim // config.quant_group
             # packed code records for the Triton kernels (reference.pack_codes), one byte per
             # code for the torch backend
-            self._planar = self.uses_triton
-            shape = ((h, 0, head_dim * config.quant_bits // 8) if self._planar
+            shape = ((h, 0, head_dim * config.quant_bits // 8) if self.uses_triton
                      else (h, 0, head_dim))
             self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
             self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
@@ -466,7 +465,7 @@ class LouverIndex:
             seg = self.config.buffer_size
             nseg = -(-n // seg)
             codes, err = self._codes[:, : nseg * seg], self._err[:, : nseg * seg]
-            if self._planar:
+            if self.uses_triton:
                 codes = ref.unpack_codes(codes, self.config.quant_bits,
                                          self.config.quant_coarse_bits).to(torch.uint8)
             ub = ref.quant_bound(q, codes, err, self._lo[:, :nseg], self._step[:, :nseg],

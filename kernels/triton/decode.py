@@ -283,7 +283,7 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
 
 
 def attend(index: LouverIndex, q: torch.Tensor, policy: Policy) -> AttendOutput:
-    """``index.attend(q, policy)`` through the Triton kernels (QUANT index, planar layout).
+    """``index.attend(q, policy)`` through the Triton kernels (QUANT index, packed code records).
 
     Args:
         index: a QUANT LouverIndex with the Triton backend (packed code records).

@@ -59,7 +59,7 @@ class Case:
         self.bits, self.coarse, self.group, self.seg = bits, coarse, group, seg
         self.n = idx.num_indexed
         codes = idx._codes
-        self.planes = codes if idx._planar else ref.pack_codes(codes, bits, coarse)
+        self.records = codes if idx.uses_triton else ref.pack_codes(codes, bits, coarse)
         self.err, self.lo, self.step = idx._err, idx._lo, idx._step
         qkind = "random" if kind in ("single", "duplicates", "boundary") else kind
         self.q = make_keys(qkind, self.hq, 1, d, dtype, gen).reshape(self.hq, d).to(DEVICE)
@@ -71,7 +71,7 @@ class Case:
 
     def run(self, tau: torch.Tensor, *, num_indexed: int | torch.Tensor | None = None,
             poison: bool = True, **kw: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        cap = self.planes.shape[1]
+        cap = self.records.shape[1]
         cand_pos = torch.full((self.hkv, cap), POISON_POS, dtype=torch.int32, device=DEVICE)
         cand_count = torch.full((self.hkv,), POISON_CNT, dtype=torch.int32, device=DEVICE)
         pruned = torch.full((self.hq,), math.nan, dtype=torch.float32, device=DEVICE)
@@ -81,12 +81,12 @@ class Case:
         args.update(kw)
         if poison:
             args.update(cand_pos=cand_pos, cand_count=cand_count, pruned_lse=pruned)
-        return quant_filter(self.q, self.planes, self.err, self.lo, self.step, self.slack,
+        return quant_filter(self.q, self.records, self.err, self.lo, self.step, self.slack,
                             tau.to(DEVICE), **args)  # type: ignore[arg-type]
 
     def reference(self, tau: torch.Tensor, n: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return quant_filter_reference(self.q, self.planes, self.err, self.lo, self.step,
+        return quant_filter_reference(self.q, self.records, self.err, self.lo, self.step,
                                       self.slack, tau.to(DEVICE),
                                       num_indexed=self.n if n is None else n, bits=self.bits,
                                       coarse_bits=self.coarse, scale=self.index.scale,
@@ -351,7 +351,7 @@ def test_single_range_layout() -> None:
     m0 = _as_mask(_lists(cp0, cc0, case.n, msg), case.n)
     lo2 = case.lo[:, 0].contiguous()
     step2 = case.step[:, 0].contiguous()
-    out = quant_filter(case.q, case.planes, case.err, lo2, step2, case.slack, tau.to(DEVICE),
+    out = quant_filter(case.q, case.records, case.err, lo2, step2, case.slack, tau.to(DEVICE),
                        num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
                        group=case.group, scale=case.index.scale)
     assert torch.equal(_as_mask(_lists_unpoisoned(out[0], out[1], case.n), case.n), m0), msg
@@ -411,7 +411,7 @@ def test_validation_errors() -> None:
     tau = torch.zeros(case.hq, device=DEVICE)
     base = dict(num_indexed=case.n, bits=6, coarse_bits=4, group=16, scale=0.125,
                 segment_size=32)
-    good = (case.q, case.planes, case.err, case.lo, case.step, case.slack, tau)
+    good = (case.q, case.records, case.err, case.lo, case.step, case.slack, tau)
 
     def call(*args: tuple[int, Any], **kw: Any) -> None:
         a: list[Any] = list(good)
@@ -426,8 +426,8 @@ def test_validation_errors() -> None:
         ({"args": [(0, case.q.int())]}, "float16"),
         ({"args": [(0, case.q[:, :48])]}, "head dim"),
         ({"args": [(0, case.q[:3])]}, "multiple"),
-        ({"args": [(1, case.planes.int())]}, "uint8"),
-        ({"args": [(1, case.planes[:, :, :6])]}, "D\\*bits/8"),
+        ({"args": [(1, case.records.int())]}, "uint8"),
+        ({"args": [(1, case.records[:, :, :6])]}, "D\\*bits/8"),
         ({"args": [(2, case.err.float())]}, "err"),
         ({"args": [(2, case.err[:, :10])]}, "err"),
         ({"args": [(3, case.lo.double())]}, "lo"),
@@ -442,7 +442,7 @@ def test_validation_errors() -> None:
         ({"kw": {"group": 24}}, "group"),
         ({"kw": {"scale": math.inf}}, "scale"),
         ({"kw": {"scale": -1.0}}, "scale"),
-        ({"kw": {"num_indexed": case.planes.shape[1] + 1}}, "num_indexed"),
+        ({"kw": {"num_indexed": case.records.shape[1] + 1}}, "num_indexed"),
         ({"kw": {"num_indexed": -1}}, "num_indexed"),
         ({"kw": {"num_indexed": torch.tensor([1.0], device=DEVICE)}}, "num_indexed"),
         ({"kw": {"segment_size": None}}, "segment_size"),
