@@ -54,7 +54,7 @@ def make_index(hkv: int, n: int, d: int, gen: torch.Generator, device: torch.dev
     keys = keys.to(torch.float16).to(device)
     values = torch.zeros(hkv, n, 8, dtype=torch.float16, device=device)
     cfg = IndexConfig(kind=IndexKind.QUANT, quant_bits=BITS, quant_coarse_bits=COARSE,
-                      quant_group=GROUP, buffer_size=SEGMENT)
+                      quant_group=GROUP, buffer_size=SEGMENT, backend="triton")
     return LouverIndex.build(keys, values, cfg)
 
 

@@ -31,10 +31,10 @@ The kernel evaluates the bound expressions of reference.quant_bound: the dot wit
 the same exact integer dot (reference.quant_query_int: per segment and head, sigma qi_d >=
 fl(q_d step_d) with sigma a power of two and |qi_d| <= 2^14), computed on int8 tensor cores as
 256 (c . qh) + (c . ql) with qi = 256 qh + ql (qh in [-64, 64], ql in [-128, 127]): ONE dot
-against the query matrix [qh | ql] (2 NQ columns) gives both products, exact in int32,
-combined and rounded once to float32. The coarse stage uses the top field t = c >> s with scale
-sigma 2^s; the full stage reuses its dot, c . qi = 2^FB (t . qi) + u . qi for the low field u
-(exact integers, so the same value as one dot with c). The per-segment constants
+against the query matrix of columns qh, ql per head (2 NQ columns) gives both products, exact
+in int32, combined and rounded once to float32. The coarse stage uses the top field t = c >> s
+with scale sigma 2^s; the full stage reuses its dot, c . qi = 2^FB (t . qi) + u . qi for the
+low field u (exact integers, so the same value as one dot with c). The per-segment constants
 (sum_d q_d (lo_d + step_d H) + (sum_d |q_d| step_d) H for the coarse bound, sum_d q_d lo_d
 for the full one) and the residual terms sum_g ||q_g|| e_g are float32 sums of the reference's
 terms in another order, which the slack covers (reference.py's QUANT comment).
@@ -47,8 +47,14 @@ i), then the fine field (the low FB = bits - CB bits, likewise). A field of NB >
 goes into the dot by bit planes: plane j (value j of every byte: bits W j, channels
 (8 / W) i + j) is the bytes shifted and masked, multiplied with the query rows of those
 channels (a channel permutation of codes and query alike, which leaves the dot unchanged), so
-the bytes need no expansion. A narrower field (the dot needs K >= 32) is expanded to one value
-per channel in channel order with shifts, masks and tl.join.
+the bytes need no expansion. On the GPU a plane is cut out of four bytes at once (one 32-bit
+shift and mask in inline PTX, ``_bits``); Triton's own uint8 arithmetic works byte by byte and
+repacks the bytes for the shared-memory store of the dot operand, which cost ~40 % of the
+kernel's instructions (measured on an H200). The interpreter takes the plain-Triton form. A
+narrower field (the dot needs K >= 32) is expanded to one value per channel in channel order
+with shifts, masks and tl.join. The query matrix interleaves the heads' columns as
+(qh_0, ql_0, qh_1, ql_1, ...), so that the two products of one head land in one thread of the
+MMA result and combine without data movement.
 
 Work decomposition
 ------------------
@@ -56,14 +62,14 @@ Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work ite
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
 tensor. Per segment the program forms the integer query (the G heads of the group, padded to
-NQ >= 4 columns, so that [qh | ql] has >= 8 columns for the int8 dot) once in channel order
+NQ >= 4 columns, so that the query matrix has >= 8 columns for the int8 dot) once in channel order
 and splits it into the query matrices of the bit planes in registers, plus the per-head
 constants; per block it bounds the coarse fields and the residual norms (one [BLOCK_N, NG]
-tile) of all heads (one int8 dot per coarse plane), and, only when some key of the block
-survives, loads the fine fields of the survivors (masked loads move no bytes for the other
-rows) and computes the full bounds (one more dot per fine plane). Software pipeline in
-registers: the coarse fields, norms and range rows of the next item are loaded before the
-current one is bounded.
+tile) of all heads (one int8 dot per coarse plane), then loads the fine fields of the
+survivors (masked loads move no bytes for the other rows) and computes the full bounds (one
+more dot per fine plane). No software pipeline in registers: carrying the next block's code
+bytes across the loop made Triton unpack and repack them byte by byte, and did not hide
+latency (measured).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -149,10 +155,10 @@ def _planes(x, P: tl.constexpr):
 
 @triton.jit
 def _int_query(qi):
-    """Integer query rows qi int32 [rows, NQ] -> int8 [rows, 2 NQ]: columns [qh | ql],
-    qi = 256 qh + ql with qh in [-64, 64], ql in [-128, 127]."""
+    """Integer query rows qi int32 [rows, NQ] -> int8 [rows, 2 NQ]: columns (qh_h, ql_h) per
+    head h (interleaved), qi = 256 qh + ql with qh in [-64, 64], ql in [-128, 127]."""
     qhi = (qi + 128) >> 8
-    hl = tl.permute(tl.join(qhi, qi - qhi * 256), (0, 2, 1))                   # [rows, 2, NQ]
+    hl = tl.join(qhi, qi - qhi * 256)                                           # [rows, NQ, 2]
     return tl.reshape(hl, [qi.shape[0], 2 * qi.shape[1]]).to(tl.int8)
 
 
@@ -172,44 +178,43 @@ def _field_query(qi, W: tl.constexpr, NB: tl.constexpr):
 
 
 @triton.jit
-def _field_dot(b, qm, W: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr):
+def _bits(b, SH: tl.constexpr, W: tl.constexpr, PACKED: tl.constexpr):
+    """(b >> SH) & (2^W - 1) of every byte of b (uint8), SH + W <= 8. PACKED (GPU): four
+    bytes per 32-bit shift-and-mask (bits shifted in from the next byte are masked off),
+    instead of one byte at a time."""
+    if PACKED:
+        mask: tl.constexpr = ((1 << W) - 1) * 0x01010101
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t; shr.b32 t, $1, {SH}; and.b32 $0, t, {mask}; }}",
+            "=r,r", [b], dtype=tl.uint8, is_pure=True, pack=4)
+    else:
+        return (b >> SH) & ((1 << W) - 1)
+
+
+@triton.jit
+def _field_dot(b, qm, W: tl.constexpr, BN: tl.constexpr, NB: tl.constexpr,
+               PACKED: tl.constexpr):
     """Exact sum_d v_d qm[d, :] over the W-bit values v of field bytes b [BN, NB], int32
     [BN, 2 NQ]. With NB >= 32 one int8 dot per bit plane j (value j of every byte, i.e. the
     channels (8 / W) i + j, whose query rows are qm[j]): a channel permutation applied to codes
     and query alike, so no expansion; else one dot with the values in channel order (int8 dots
     need K >= 32)."""
     if NB >= 32:
-        acc = tl.dot((b & ((1 << W) - 1)).to(tl.int8), qm[0], out_dtype=tl.int32)
+        acc = tl.dot(_bits(b, 0, W, PACKED).to(tl.int8), qm[0], out_dtype=tl.int32)
         for j in tl.static_range(1, 8 // W):
-            v = ((b >> (W * j)) & ((1 << W) - 1)).to(tl.int8)
-            acc = tl.dot(v, qm[j], acc, out_dtype=tl.int32)
+            acc = tl.dot(_bits(b, W * j, W, PACKED).to(tl.int8), qm[j], acc,
+                         out_dtype=tl.int32)
     else:
         acc = tl.dot(_expand(b, W, BN, NB).to(tl.int8), qm[0], out_dtype=tl.int32)
     return acc
 
 
 @triton.jit
-@no_type_check  # Triton code: tuples grow in static loops
-def _columns(x, BN: tl.constexpr, N: tl.constexpr):
-    """The N columns of x [BN, N] (N a power of two) as a tuple of [BN] tensors, by splits
-    (register moves only when the layout keeps a row's columns in one thread)."""
-    if N == 1:
-        return (tl.reshape(x, [BN]),)
-    else:
-        ev, od = tl.split(tl.reshape(x, [BN, N // 2, 2]))
-        ce = _columns(ev, BN, N // 2)
-        co = _columns(od, BN, N // 2)
-        cols = ()
-        for k in tl.static_range(N // 2):
-            cols = cols + (ce[k], co[k])
-        return cols
-
-
-@triton.jit
 def _combine(acc, BN: tl.constexpr, NQ: tl.constexpr):
-    """Products with [qh | ql] [BN, 2 NQ] -> c . qi = 256 (c . qh) + (c . ql), int32 [BN, NQ]
-    (columns h and NQ + h are in the same thread in the MMA layout: no data movement)."""
-    ah, al = tl.split(tl.permute(tl.reshape(acc, [BN, 2, NQ]), (0, 2, 1)))
+    """Products with the interleaved (qh_h, ql_h) columns [BN, 2 NQ] -> c . qi = 256 (c . qh) +
+    (c . ql), int32 [BN, NQ] (the two columns of a head are adjacent, so one thread of the MMA
+    layout holds both: no data movement)."""
+    ah, al = tl.split(tl.reshape(acc, [BN, NQ, 2]))
     return ah * 256 + al
 
 
@@ -248,15 +253,16 @@ def _segment(qt, st, lo, HALF: tl.constexpr, CB: tl.constexpr, NBC: tl.constexpr
 
 
 @triton.jit
-@no_type_check  # Triton code: tuples grow per residual group, which mypy cannot follow
+@no_type_check  # Triton code: mypy cannot follow the constexpr-typed tuples
 def _quant_filter_kernel(
     q_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
     cand_pos_ptr, cand_count_ptr, pruned_lse_ptr, ws_ptr, counter_ptr,
     n_value, cap_out, seg_size, num_splits, scale_log2,
-    stride_qh, stride_kh, stride_kn, stride_eh, stride_en, stride_lh, stride_ls, stride_ch,
+    stride_qh, stride_kh, stride_kn, stride_eh, stride_lh, stride_ls, stride_ch,
     G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NG: tl.constexpr, GRP: tl.constexpr,
     CB: tl.constexpr, FB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
+    PACKED: tl.constexpr,
 ):
     split = tl.program_id(0)
     kh = tl.program_id(1)
@@ -284,11 +290,7 @@ def _quant_filter_kernel(
     heads = kh * G + offs_q
     qt = tl.load(q_ptr + heads[None, :] * stride_qh + offs_d[:, None], mask=q_ok[None, :],
                  other=0.0).to(tl.float32)                                      # [D, NQ]
-    qsq = qt * qt
-    grp = offs_d // GRP
-    qns = ()       # ||q_g|| per group, [NQ]
-    for gi in tl.static_range(NG):
-        qns = qns + (tl.sqrt(tl.sum(tl.where((grp == gi)[:, None], qsq, 0.0), axis=0)),)
+    qng = tl.sqrt(tl.sum(tl.reshape(qt * qt, [NG, GRP, NQ]), axis=1))           # ||q_g||, [NG, NQ]
     tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
     slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
 
@@ -300,71 +302,49 @@ def _quant_filter_kernel(
     offs_bc = tl.arange(0, NBC)
     offs_g = tl.arange(0, NG)
 
-    # Software pipeline (registers): the coarse fields, residual norms and range rows of item
-    # it + 1 are in flight while item it is bounded.
-    it = item_lo
-    s_n, rows_n, valid_n = _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N)
-    rows64 = rows_n.to(tl.int64)
-    hb_n = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
-                   mask=valid_n[:, None], other=0)
-    e_n = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :], mask=valid_n[:, None],
-                  other=0.0)
-    r_ok = (offs_d < D) & (it < item_hi)
-    st_n = tl.load(step_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok, other=0.0)
-    lo_n = tl.load(lo_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok, other=0.0)
-    s_cur = s_n
-    qmc, qmf, sigma, cc, fc = _segment(qt, st_n, lo_n, HALF, CB, NBC, FB, NBF)
-
     # certificate: per (row lane, head) online logsumexp of scale * bound over the pruned keys,
     # merged over rows once per program (no cross-thread traffic in the loop)
     m_el = tl.full([BLOCK_N, NQ], float("-inf"), tl.float32)
     s_el = tl.zeros([BLOCK_N, NQ], tl.float32)
+    it = item_lo
+    s_cur = it // cps                      # the first segment's query (loads masked if idle)
+    r_row = r_base + s_cur.to(tl.int64) * stride_ls + offs_d
+    r_ok = (offs_d < D) & (it < item_hi)
+    qmc, qmf, sigma, cc, fc = _segment(qt, tl.load(step_ptr + r_row, mask=r_ok, other=0.0),
+                                       tl.load(lo_ptr + r_row, mask=r_ok, other=0.0),
+                                       HALF, CB, NBC, FB, NBF)
     while it < item_hi:
-        s = s_n
-        rows = rows_n
-        valid = valid_n
-        hb = hb_n
-        e = e_n.to(tl.float32)
-        st = st_n
-        lo = lo_n
-        # ---- prefetch item it + 1 ----
-        s_n, rows_n, valid_n = _item(it + 1, item_hi, cps, seg, n, offs_n, BLOCK_N)
-        rows64 = rows_n.to(tl.int64)
-        hb_n = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
-                       mask=valid_n[:, None], other=0)
-        e_n = tl.load(e_base + rows64[:, None] * stride_en + offs_g[None, :],
-                      mask=valid_n[:, None], other=0.0)
-        r_ok = (offs_d < D) & (it + 1 < item_hi)
-        st_n = tl.load(step_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok,
-                       other=0.0)
-        lo_n = tl.load(lo_ptr + r_base + s_n.to(tl.int64) * stride_ls + offs_d, mask=r_ok,
-                       other=0.0)
+        s, rows, valid = _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N)
+        rows64 = rows.to(tl.int64)
+        hb = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
+                     mask=valid[:, None], other=0)
+        e = tl.load(e_base + rows64[:, None] * NG + offs_g[None, :], mask=valid[:, None],
+                    other=0.0).to(tl.float32)
         # ---- per segment: the integer query and the constants ----
         if s != s_cur:
-            qmc, qmf, sigma, cc, fc = _segment(qt, st, lo, HALF, CB, NBC, FB, NBF)
+            r_row = r_base + s.to(tl.int64) * stride_ls + offs_d
+            qmc, qmf, sigma, cc, fc = _segment(qt, tl.load(step_ptr + r_row),
+                                               tl.load(lo_ptr + r_row), HALF, CB, NBC, FB, NBF)
             s_cur = s
         sig_c = sigma * SHIFT
 
         # ---- coarse stage: residual terms + coarse field, all heads ----
-        e_cols = _columns(e, BLOCK_N, NG)
-        et = e_cols[0][:, None] * qns[0][None, :]
-        for gi in tl.static_range(1, NG):
-            et += e_cols[gi][:, None] * qns[gi][None, :]
-        a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC), BLOCK_N, NQ)         # c . qi
+        et = tl.sum(e[:, :, None] * qng[None, :, :], axis=1)
+        a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
         coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
         hit = (coarse >= tau[None, :]) & q_ok[None, :]
         surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
 
-        # ---- fine stage: the low field of the survivors, full bound ----
+        # ---- fine stage: the low field of the survivors, full bound (no branch on "any
+        # survivor": at realistic candidate fractions nearly every block has one, and the
+        # masked load moves no bytes for the other rows) ----
         if FB > 0:
-            full = coarse
-            if tl.max(surv.to(tl.int32), axis=0) > 0:
-                offs_bf = tl.arange(0, NBF)
-                krow = k_base + rows.to(tl.int64)[:, None] * stride_kn
-                lb = tl.load(krow + NBC + offs_bf[None, :], mask=surv[:, None], other=0)
-                # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
-                a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF), BLOCK_N, NQ)
-                full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) + slack[None, :]
+            lb = tl.load(k_base + rows64[:, None] * stride_kn + NBC + tl.arange(0, NBF)[None, :],
+                         mask=surv[:, None], other=0)
+            # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
+            a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF, PACKED), BLOCK_N,
+                                      NQ)
+            full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) + slack[None, :]
             hit_f = (full >= tau[None, :]) & q_ok[None, :]
             cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
             bnd = tl.where(surv[:, None], full, coarse)
@@ -570,8 +550,8 @@ def quant_filter(
     if err.dtype != torch.float16 or err.dim() != 3 or tuple(err.shape) != (hkv, cap, ng):
         raise ValueError(f"err must be float16 [Hkv={hkv}, cap={cap}, D/group={ng}], got "
                          f"{err.dtype} {list(err.shape)}")
-    if err.stride(2) != 1:
-        raise ValueError("err must be contiguous in its last dimension")
+    if err.stride(2) != 1 or (cap > 1 and err.stride(1) != ng):
+        raise ValueError("err must have contiguous rows (strides [*, D/group, 1])")
     for name, t in (("lo", lo), ("step", step)):
         if t.dtype != torch.float32 or t.dim() not in (2, 3) or t.shape[0] != hkv \
                 or t.shape[-1] != d or t.stride(-1) != 1:
@@ -642,12 +622,12 @@ def quant_filter(
         q, codes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
         cand_pos, cand_count, pruned_lse, ws, counters,
         n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
-        q.stride(0), codes.stride(0), codes.stride(1), err.stride(0), err.stride(1),
+        q.stride(0), codes.stride(0), codes.stride(1), err.stride(0),
         stride_lh, stride_ls, cand_pos.stride(0),
         G=g, D=d, NQ=max(4, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
-        N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented,
+        N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=device.type == "cuda",
         num_warps=num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return cand_pos, cand_count, pruned_lse
