@@ -9,9 +9,10 @@ same per-group candidate counts, and a certificate from the same terms.
 
 Launches (eager, ``attend``): three, and no host synchronization on the step itself:
 
-1. ``_prologue_kernel`` (one program per query head): ||q_h|| and the slack (a per-head constant
-   precomputed once per flush, see ``slack_coef``), the on-device check of q (finite, within
-   MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and tau for the policy.
+1. ``_prologue_kernel`` (programs per KV head and chunk of probe keys): ||q_h|| and the slack
+   (a per-head constant precomputed once per flush, see ``slack_coef``), the on-device check
+   of q (finite, within MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and
+   tau for the policy.
 2. ``quant_filter``: candidates, cand_count, pruned_lse.
 3. ``sparse_attention`` with below_lse and the fused certificate: out, lse, num_attended,
    dropped_mass_bound and num_candidates (written by each KV head's last-arriving program).
@@ -33,7 +34,7 @@ import triton.language as tl
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
 from louver_kernels.triton._device import load_scalar
-from louver_kernels.triton._launch import next_pow2
+from louver_kernels.triton._launch import CounterPool, next_pow2
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.quant_filter import quant_filter
 
@@ -95,46 +96,55 @@ def probe_max(q: torch.Tensor, keys: torch.Tensor, num_indexed: int, total: int,
 # ----------------------------------------------------------------------------------------------
 
 MODE_DENSE, MODE_FIXED, MODE_RELATIVE = 0, 1, 2
+_PROBE_BLOCK = 64                # probe keys per program and chunk
+_COUNTERS = CounterPool()        # per KV head: the prologue's arrival tickets
 
 
 @triton.jit(do_not_specialize=["n_value", "total_value"])
 def _prologue_kernel(
     q_ptr, k_ptr, coef_ptr, tau_in_ptr, n_ptr, total_ptr,
-    tau_ptr, slack_ptr, bad_ptr,
+    tau_ptr, slack_ptr, bad_ptr, ws_ptr, counter_ptr,
     n_value, total_value, cap, tau_off, max_abs,
     stride_qh, stride_kh, stride_kn,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
-    """Program (kh, g), query head h = kh * G + g of KV head kh:
+    """Program (kh, c) of grid (Hkv, S), for the query heads h = kh * G + g of KV head kh:
 
-    slack[h] = fl32(||q_h||_float64 * coef[kh])   (slack_coef's bound)
+    slack[h] = fl32(||q_h||_float64 * coef[kh])   (slack_coef's bound; program c == 0)
     bad[kh]  = 1 if any entry of the G heads of kh is NaN, +-Inf or above max_abs in magnitude
-               (written by program (kh, 0))
+               (program c == 0)
     tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
                largest float32 score over positions [0, min(SINKS, total)) and
                [max(head, min(total - RECENT, n)), total) (probe_max's construction).
+
+    Relative: program c scores the probe keys of chunks c, c + S, ... (BLOCK keys each; one
+    read of a key serves the G heads), writes its maxima to a workspace and takes a ticket on
+    a per-KV-head arrival counter; the last arrival merges the S partials, writes tau and
+    leaves the counter at zero (CounterPool's contract). S = 1 writes tau directly.
     """
     kh = tl.program_id(0)
-    g = tl.program_id(1)
-    h = kh * G + g
+    c = tl.program_id(1)
+    num_c = tl.num_programs(1)
     offs_d = tl.arange(0, D)
-    qv = tl.load(q_ptr + h * stride_qh + offs_d).to(tl.float32)
-    q64 = qv.to(tl.float64)
-    qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
-    tl.store(slack_ptr + h, (qn * tl.load(coef_ptr + kh)).to(tl.float32))
-    if g == 0:
+    offs_g = tl.arange(0, G_P)
+    g_ok = offs_g < G
+    heads = kh * G + offs_g
+    if c == 0:
+        for g in tl.static_range(G):
+            q64 = tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float64)
+            qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
+            tl.store(slack_ptr + kh * G + g, (qn * tl.load(coef_ptr + kh)).to(tl.float32))
         # NaN fails the comparison, so it counts as bad too
-        offs_gd = tl.arange(0, G_P)
-        qg = tl.load(q_ptr + (kh * G + offs_gd)[:, None] * stride_qh + offs_d[None, :],
-                     mask=(offs_gd < G)[:, None], other=0.0).to(tl.float32)
+        qg = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :],
+                     mask=g_ok[:, None], other=0.0).to(tl.float32)
         tl.store(bad_ptr + kh, tl.max(tl.max(tl.where(tl.abs(qg) <= max_abs, 0, 1), axis=1),
                                       axis=0))
-    if MODE == 0:
-        tl.store(tau_ptr + h, float("-inf"))
-    elif MODE == 1:
-        tl.store(tau_ptr + h, tl.load(tau_in_ptr + h))
-    else:
+        if MODE == 0:
+            tl.store(tau_ptr + heads, tl.full([G_P], float("-inf"), tl.float32), mask=g_ok)
+        elif MODE == 1:
+            tl.store(tau_ptr + heads, tl.load(tau_in_ptr + heads, mask=g_ok), mask=g_ok)
+    if MODE == 2:
         n = load_scalar(n_ptr, n_value, ON_DEVICE)
         total = load_scalar(total_ptr, total_value, ON_DEVICE)
         total = tl.minimum(tl.maximum(total, 0), cap)
@@ -144,17 +154,39 @@ def _prologue_kernel(
         length = head + (total - tail)
         offs_b = tl.arange(0, BLOCK)
         k_base = k_ptr + kh.to(tl.int64) * stride_kh
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        start = 0
+        m = tl.full([G_P], float("-inf"), tl.float32)
+        start = c * BLOCK
         while start < length:
             idx = start + offs_b
             ok = idx < length
             pos = tl.where(idx < head, idx, tail + (idx - head)).to(tl.int64)
             kt = tl.load(k_base + pos[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
                          other=0.0).to(tl.float32)
-            m = tl.maximum(m, tl.where(ok, tl.sum(kt * qv[None, :], axis=1), float("-inf")))
-            start += BLOCK
-        tl.store(tau_ptr + h, tl.max(m, axis=0) - tau_off)
+            for g in tl.static_range(G):
+                qv = tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float32)
+                mg = tl.max(tl.where(ok, tl.sum(kt * qv[None, :], axis=1), float("-inf")),
+                            axis=0)
+                m = tl.where(offs_g == g, tl.maximum(m, mg), m)
+            start += num_c * BLOCK
+        if num_c == 1:
+            tl.store(tau_ptr + heads, m - tau_off, mask=g_ok)
+        else:
+            tl.store(ws_ptr + (kh * num_c + c) * G_P + offs_g, m)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
+            if ticket == num_c - 1:
+                offs_c = tl.arange(0, 32)
+                m_all = tl.full([G_P], float("-inf"), tl.float32)
+                c0 = 0
+                while c0 < num_c:
+                    cs = c0 + offs_c
+                    part = tl.load(ws_ptr + (kh * num_c + cs)[:, None] * G_P + offs_g[None, :],
+                                   mask=(cs < num_c)[:, None], other=float("-inf"),
+                                   cache_modifier=".cg")
+                    m_all = tl.maximum(m_all, tl.max(part, axis=0))
+                    c0 += 32
+                tl.store(tau_ptr + heads, m_all - tau_off, mask=g_ok)
+                tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
 
 
 def _policy_mode(policy: Policy) -> int:
@@ -178,23 +210,42 @@ def _tau_offset(index: LouverIndex, policy: Policy) -> float:
 def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
               tau_in: torch.Tensor | None, tau: torch.Tensor, slack: torch.Tensor,
               bad: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Launch the prologue (sizes from the index; no validation beyond the caller's)."""
+    """Launch the prologue (sizes from the index; no validation beyond the caller's).
+
+    Relative: enough programs per KV head for one chunk of probe keys each when the buffer is
+    full (sinks + max(recent, buffer) keys: the grid does not depend on the key count, so a
+    captured step replays it as keys arrive); the kernel loops if there are more."""
     cfg = index.config
     hkv, d = index.num_kv_heads, index.head_dim
     keys = index._keys
     dummy = tau
     g = q.shape[0] // hkv
-    _prologue_kernel[(hkv, g)](
+    g_p = next_pow2(g)
+    chunks = _chunks(index, mode)
+    ws = torch.empty(hkv * chunks * g_p, device=q.device) if chunks > 1 else dummy
+    _prologue_kernel[(hkv, chunks)](
         q, keys, index._slack_coef, tau_in if tau_in is not None else dummy,
         counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
-        tau, slack, bad,
+        tau, slack, bad, ws, _COUNTERS.get(q.device, hkv),
         index.num_indexed, index.num_keys, keys.shape[1], tau_off,
         float(_max_query_abs()),
         q.stride(0), keys.stride(0), keys.stride(1),
-        G=g, G_P=next_pow2(g), D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
-        BLOCK=128, MODE=mode, ON_DEVICE=counts is not None,
+        G=g, G_P=g_p, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
+        BLOCK=_PROBE_BLOCK, MODE=mode, ON_DEVICE=counts is not None,
         num_warps=4, num_stages=1,
     )
+
+
+def _chunks(index: LouverIndex, mode: int) -> int:
+    """Prologue programs per KV head: one per chunk of the longest probe (Relative only)."""
+    cfg = index.config
+    probe = cfg.sink_tokens + max(cfg.probe_recent, cfg.buffer_size)
+    return triton.cdiv(probe, _PROBE_BLOCK) if mode == MODE_RELATIVE else 1
+
+
+def probe_chunks(index: LouverIndex, policy: Policy) -> int:
+    """Programs per KV head of the prologue for ``policy`` (how the probe is split)."""
+    return _chunks(index, _policy_mode(policy))
 
 
 def _max_query_abs() -> float:

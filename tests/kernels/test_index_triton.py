@@ -172,6 +172,34 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
         steps[Dense()](torch.zeros(hkv * g, d, dtype=torch.float32, device=DEVICE))
 
 
+def test_probe_split_over_programs_matches_torch_backend() -> None:
+    """A probe longer than one chunk of the prologue (sinks + 150 recent keys: three programs
+    per KV head, merged by the last arrival), over several steps: tau and the whole step agree
+    with the torch backend at every step, eager and captured, so the arrival counters are
+    left at zero between launches."""
+    gen = torch.Generator().manual_seed(5)
+    hkv, g, d, dtype = 2, 3, 32, torch.float16
+    keys = make_keys("outlier_channel", hkv, 300, d, dtype, gen)
+    values = torch.randn(hkv, 300, d, generator=gen).to(dtype)
+    t_idx, g_idx = build_pair(keys, values, buffer_size=64, quant_bits=6,
+                              quant_coarse_bits=4, probe_recent=150)
+    assert decode.probe_chunks(g_idx, Relative(1e-3)) == 3
+    step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
+    for t, extra in enumerate((3, 40, 1)):
+        k = make_keys("outlier_channel", hkv, extra, d, dtype, gen)
+        v = torch.randn(hkv, extra, d, generator=gen).to(dtype)
+        for index in (t_idx, g_idx):
+            index.append(k, v)
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        want = t_idx.attend(q, Relative(1e-3))
+        check_step(t_idx, q, s, want, g_idx.attend(q.to(DEVICE), Relative(1e-3)),
+                   Relative(1e-3), f"eager step {t}")
+        if step.stale:
+            step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
+        check_step(t_idx, q, s, want, step(q.to(DEVICE)), Relative(1e-3), f"captured {t}")
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter computes on NaN
 def test_q_validation_host_and_device() -> None:
     gen = torch.Generator().manual_seed(3)
