@@ -318,7 +318,11 @@ def _quant_filter_kernel(
         rows64 = rows.to(tl.int64)
         hb = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
                      mask=valid[:, None], other=0)
-        e = tl.load(e_base + rows64[:, None] * NG + offs_g[None, :], mask=valid[:, None],
+        # residual norms as [BLOCK_N, NG, NQ], each row's norms repeated per head (the same
+        # addresses: one DRAM read), so that the sum over groups stays within a thread (a
+        # [BLOCK_N, NG] tile put the groups across lanes: ~100 shuffles per block)
+        e = tl.load(e_base + (rows64[:, None] * NG + offs_g[None, :])[:, :, None]
+                    + offs_q[None, None, :] * 0, mask=valid[:, None, None],
                     other=0.0).to(tl.float32)
         # ---- per segment: the integer query and the constants ----
         if s != s_cur:
@@ -329,7 +333,7 @@ def _quant_filter_kernel(
         sig_c = sigma * SHIFT
 
         # ---- coarse stage: residual terms + coarse field, all heads ----
-        et = tl.sum(e[:, :, None] * qng[None, :, :], axis=1)
+        et = tl.sum(e * qng[None, :, :], axis=1)
         a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
         coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
         hit = (coarse >= tau[None, :]) & q_ok[None, :]

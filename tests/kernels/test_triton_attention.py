@@ -229,6 +229,29 @@ def test_many_blocks_and_splits(num_splits: int) -> None:
     _check_below(below, want, seed)
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_unbalanced_heads_share_the_programs(num_splits: int) -> None:
+    """The grid's programs are dealt to the KV heads by their candidate counts: one heavy head,
+    an empty one and two light ones, with the buffer; every head against the reference."""
+    gen, seed = _gen()
+    hkv, g, d = 4, 2, 64
+    hq = hkv * g
+    n_idx = 300 if not CUDA else 30000
+    bs, be = n_idx, n_idx + 5
+    keys = _storage(hkv, be, be, d, torch.float16, gen)
+    values = _storage(hkv, be, be, d, torch.float16, gen)
+    q = _q(hq, d, torch.float16, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, [3, n_idx, 0, n_idx // 10], n_idx, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    below = _poisoned_below(hq)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           num_splits=num_splits, below_lse=below)
+    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
+
+
 def test_merge_over_split_chunks() -> None:
     """G * Dv large enough that the last program merges the partials in several chunks of
     splits; key norms grow with the position, so later chunks tend to hold the maxima."""
