@@ -25,14 +25,10 @@ Work decomposition ("flash-decoding")
 For KV head ``kh`` the kernel walks a *virtual candidate list* of T = C + B entries: the C
 candidate positions (``cand_pos[kh, :cand_count[kh]]`` in sparse mode, ``0 .. dense_end-1`` in
 dense mode), filtered by tau, followed by the B = buffer_end - buffer_start buffer positions,
-attended unconditionally. The list is cut into blocks of BLOCK_N entries. The grid's Hkv x
-``num_splits`` programs are dealt to the KV heads in proportion to their blocks (at least one
-each, the remainder to the busiest head), and each head's blocks into that many contiguous
-ranges, one program per range. The deal is computed on the device from the actual counts, so
-the work stays balanced across programs whatever the padding of ``cand_pos`` (maxC only sizes
-the grid) and however unevenly the candidates fall on the KV heads (on real keys one head can
-hold 10x the candidates of another, and it alone set the time when every head had the same
-number of programs).
+attended unconditionally. The list is cut into blocks of BLOCK_N entries and the blocks into
+``num_splits`` contiguous ranges, one program per (KV head, split). The split of the blocks is
+computed on the device from the actual count T, so the work stays balanced whatever the padding
+of ``cand_pos`` (maxC only sizes the grid).
 
 A program loads each K row once for all G query heads of its group (GQA) and computes exact
 float32 scores with FMAs (broadcast-multiply-sum), never tensor cores: the score must be the
@@ -135,10 +131,12 @@ def _sparse_attention_kernel(
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
-    G_P: tl.constexpr, HKV_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
+    G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
 ):
+    kh = tl.program_id(0)
+    split = tl.program_id(1)
     # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32
     # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head)
     n_slots = tl.num_programs(0) * num_splits
@@ -157,35 +155,15 @@ def _sparse_attention_kernel(
     b_end = load_scalar(buf_end_ptr, buf_end, BUF_END_ON_DEVICE)
     b_start = tl.minimum(tl.maximum(b_start, 0), cap)
     b_end = tl.minimum(tl.maximum(b_end, b_start), cap)
-    # ---- this program's KV head and split: the grid's programs are dealt to the KV heads in
-    # proportion to their blocks (candidates + buffer), at least one each, the rest to the
-    # busiest head, so that one heavy head does not set the time. Every program computes the
-    # same deal from the same counts; program prog takes workspace slot prog. ----
-    hkv = tl.num_programs(0)
-    prog = tl.program_id(0) * num_splits + tl.program_id(1)
-    offs_h = tl.arange(0, HKV_P)
-    h_ok = offs_h < hkv
     if SPARSE:
-        cnts = tl.load(cand_count_ptr + offs_h, mask=h_ok, other=0).to(tl.int32)
-        cnts = tl.minimum(tl.maximum(cnts, 0), max_c)
+        n_cand = tl.load(cand_count_ptr + kh).to(tl.int32)
+        n_cand = tl.minimum(tl.maximum(n_cand, 0), max_c)
     else:
-        n_dense = load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
-        cnts = tl.zeros([HKV_P], tl.int32) + tl.minimum(tl.maximum(n_dense, 0), b_start)
-    blocks_h = tl.where(h_ok, tl.cdiv(cnts + (b_end - b_start), BLOCK_N), 0)
-    share = (n_slots - hkv).to(tl.int64) * blocks_h.to(tl.int64) // tl.maximum(
-        tl.sum(blocks_h, axis=0), 1).to(tl.int64)
-    alloc = tl.where(h_ok, 1 + share.to(tl.int32), 0)
-    alloc += tl.where(offs_h == tl.argmax(blocks_h, axis=0), n_slots - tl.sum(alloc, axis=0), 0)
-    ends = tl.cumsum(alloc, axis=0)
-    kh = tl.sum((ends <= prog).to(tl.int32), axis=0)
-    mine = offs_h == kh
-    my_splits = tl.sum(tl.where(mine, alloc, 0), axis=0)
-    first_slot = tl.sum(tl.where(mine, ends - alloc, 0), axis=0)
-    split = prog - first_slot
-    n_cand = tl.sum(tl.where(mine, cnts, 0), axis=0)
+        n_cand = load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
+        n_cand = tl.minimum(tl.maximum(n_cand, 0), b_start)
     total = n_cand + (b_end - b_start)
     n_blocks = tl.cdiv(total, BLOCK_N)
-    per_split = tl.cdiv(n_blocks, my_splits)
+    per_split = tl.cdiv(n_blocks, num_splits)
     blk_lo = split * per_split
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
 
@@ -326,7 +304,7 @@ def _sparse_attention_kernel(
     accs = new_accs
 
     # ---- merge the lanes and publish this split's partial ----
-    slot = prog
+    slot = kh * num_splits + split
     for g in tl.static_range(G):
         m_g = tl.max(ms[g], axis=0)
         w = tl.exp2((ms[g] - tl.where(m_g == float("-inf"), 0.0, m_g)) * C)
@@ -344,8 +322,8 @@ def _sparse_attention_kernel(
     # every thread's stores are ordered before the ticket (CTA barrier + release at GPU scope)
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
-    if ticket == my_splits - 1:
-        # Last arrival: merge the my_splits partials of this KV head, all G heads at once
+    if ticket == num_splits - 1:
+        # Last arrival: merge the num_splits partials of this KV head, all G heads at once
         # (one pass, online max; partials are read from L2: .cg).
         offs_s = tl.arange(0, SPLIT_CHUNK)
         offs_gp = tl.arange(0, G_P)
@@ -358,10 +336,10 @@ def _sparse_attention_kernel(
         mb_tot = tl.full([G_P], float("-inf"), tl.float32)
         lb_tot = tl.zeros([G_P], tl.float32)
         s0 = 0
-        while s0 < my_splits:
+        while s0 < num_splits:
             sp = s0 + offs_s
-            sl = first_slot + sp
-            msk = (sp < my_splits)[:, None] & g_ok[None, :]                 # [SC, G_P]
+            sl = kh * num_splits + sp
+            msk = (sp < num_splits)[:, None] & g_ok[None, :]                 # [SC, G_P]
             m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
                           other=float("-inf"), cache_modifier=".cg")
             l_s = tl.load(ws_ml_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :], mask=msk,
@@ -545,9 +523,8 @@ def sparse_attention(
             bounds); dropped: output float32 [Hq] = sigmoid(logaddexp(pruned_lse, below_lse)
             - lse), computed in float64, 0 where both terms are -inf; num_candidates: output
             int64 [Hq] = cand_count[h // G] + buffer size. All contiguous, on q's device.
-        num_splits: override of the number of programs per KV head on average (the grid has
-            Hkv x num_splits programs, dealt to the heads by their work; default: enough
-            programs for one wave on the device, at least four blocks each).
+        num_splits: override of the number of programs per KV head (default: enough programs
+            for one wave on the device, at least four blocks each).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -707,7 +684,7 @@ def sparse_attention(
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         cand_pos.stride(0) if cand_pos is not None else 0,
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
-        G_P=g_p, HKV_P=next_pow2(hkv), SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
+        G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert,
         num_warps=num_warps, num_stages=1,

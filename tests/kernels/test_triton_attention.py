@@ -230,9 +230,9 @@ def test_many_blocks_and_splits(num_splits: int) -> None:
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
-def test_unbalanced_heads_share_the_programs(num_splits: int) -> None:
-    """The grid's programs are dealt to the KV heads by their candidate counts: one heavy head,
-    an empty one and two light ones, with the buffer; every head against the reference."""
+def test_unbalanced_heads(num_splits: int) -> None:
+    """KV heads with very different candidate counts (one heavy, one empty, two light) and the
+    buffer: every head against the reference."""
     gen, seed = _gen()
     hkv, g, d = 4, 2, 64
     hq = hkv * g
