@@ -349,10 +349,9 @@ class Engine:
                 layer.flush(session.config)
             if layer.index is None:  # excluded by validation
                 raise FailedPrecondition(f"{job.field}: layer {job.layer} holds no keys")
-            # q's values were checked while decoding the request (finite, magnitude): skip the
-            # index's second check and its host synchronization
-            out = layer.index.attend(job.q.to(session.device), job.policy or session.policy,
-                                     validate=False)
+            # q's values were checked while decoding the request (finite, magnitude): the step
+            # skips the index's second check and its host synchronization
+            out = layer.attend(job.q.to(session.device), job.policy or session.policy)
             results.append(AttendResult.from_output(out, layer.length))
         return results
 

@@ -22,16 +22,28 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from louver_kernels import IndexConfig, LouverIndex, Policy
+from louver_kernels import Dense, IndexConfig, LouverIndex, Policy, Relative
+from louver_kernels.index import AttendOutput
 from louver_proto import codec
-from louver_service.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from louver_service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from louver_service.metrics import Metrics
+
+if TYPE_CHECKING:   # triton is an optional dependency (the gpu extra)
+    from louver_kernels.triton.decode import CapturedStep
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +88,18 @@ class SessionSpec:
     expected_tokens: int = 0        # per layer; 0: judged on use
 
 
+MAX_CAPTURED_STEPS = 4  # per layer: the policies a session's clients alternate between
+
+
+def _step_key(policy: Policy, q: torch.Tensor) -> tuple[object, ...] | None:
+    """What a captured step is specialized on; None for the policies it does not run."""
+    if isinstance(policy, Relative):
+        return ("relative", policy.eps, q.shape[0], q.dtype)
+    if isinstance(policy, Dense):
+        return ("dense", q.shape[0], q.dtype)
+    return None
+
+
 class LayerState:
     """One layer of a session: prefill chunks not yet indexed, and the layer's index.
 
@@ -89,6 +113,8 @@ class LayerState:
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # ([Hkv,T,D], [Hkv,T,Dv])
         self._pending_tokens = 0
         self._pending_bytes = 0
+        # captured decode steps of a Triton index, most recently used last
+        self._steps: OrderedDict[tuple[object, ...], CapturedStep] = OrderedDict()
 
     @property
     def indexed_tokens(self) -> int:
@@ -108,8 +134,34 @@ class LayerState:
 
     @property
     def index_bytes(self) -> int:
-        """Bytes of index records held."""
-        return self.index.index_bytes if self.index is not None else 0
+        """Bytes of index records held, plus the buffers of the captured decode steps."""
+        held = self.index.index_bytes if self.index is not None else 0
+        return held + sum(step.scratch_bytes for step in self._steps.values())
+
+    def attend(self, q: torch.Tensor, policy: Policy) -> AttendOutput:
+        """The decode step for q [Hq, D] on the index's device (q already validated).
+
+        A Triton index runs Relative and Dense steps through a CapturedStep kept per
+        (policy, Hq, q dtype): on a GPU one graph replay instead of three kernel launches and
+        their host-side checks. The step re-captures itself when the index grows; at most
+        MAX_CAPTURED_STEPS are kept per layer (least recently used dropped). Other policies and
+        the torch backend take the index's own attend.
+        """
+        index = self.index
+        if index is None:
+            raise FailedPrecondition("the layer holds no keys")
+        key = _step_key(policy, q)
+        if not index.uses_triton or key is None:
+            return index.attend(q, policy, validate=False)
+        step = self._steps.pop(key, None)
+        if step is None:
+            from louver_kernels.triton.decode import CapturedStep
+
+            step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype)
+        self._steps[key] = step
+        while len(self._steps) > MAX_CAPTURED_STEPS:
+            self._steps.popitem(last=False)
+        return step(q)
 
     def stored(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys [Hkv, end-start, D] and values [Hkv, end-start, Dv] of positions

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -93,6 +93,13 @@ class Settings(BaseSettings):
                                          description="default QUANT code bits of the first pass")
     index_quant_group: int = Field(default=_INDEX.quant_group, ge=1,
                                    description="default QUANT channels per residual group")
+    index_backend: Literal["auto", "torch", "triton"] = Field(
+        default="auto",
+        description="decode step of QUANT sessions: triton (the GPU kernels, replayed from a "
+                    "CUDA graph per layer and policy; on a CPU only under TRITON_INTERPRET=1, "
+                    "for testing; needs index_kind quant, and sessions that ask for another "
+                    "kind run on torch), torch (plain torch) or auto (torch until the kernels "
+                    "beat dense attention)")
     default_policy: str = Field(default="relative:1e-4",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "
@@ -160,7 +167,7 @@ class Settings(BaseSettings):
                            buffer_size=self.index_buffer_size, quant_bits=self.index_quant_bits,
                            quant_coarse_bits=min(self.index_quant_coarse_bits,
                                                  self.index_quant_bits),
-                           quant_group=self.index_quant_group)
+                           quant_group=self.index_quant_group, backend=self.index_backend)
 
     def policy(self) -> Policy:
         """The server default threshold policy."""

@@ -439,6 +439,17 @@ class CapturedStep:
         self._capture()
 
     @property
+    def scratch_bytes(self) -> int:
+        """Bytes of device memory this step holds besides the index (its buffers; the
+        candidate list, int32 [Hkv, capacity], dominates)."""
+        own = (self.q, self.tau, self.bad, self.out, self.lse, self.num_att, self.dropped,
+               self.num_cand)
+        sc = self._sc
+        held = () if sc is None else (sc.slack, sc.cand_pos, sc.cand_count, sc.pruned_lse,
+                                      sc.below_lse)
+        return sum(t.numel() * t.element_size() for t in (*own, *held))
+
+    @property
     def stale(self) -> bool:
         """Whether the index's storage was reallocated since the capture (the next call
         re-captures)."""
