@@ -11,7 +11,8 @@ accepts the shapes, GQA flag or packed query rows, each replayed from a CUDA gra
 fastest is the baseline). Also: the candidate fraction, a zero-false-negative check of every
 measured query (every key whose fp32 score reaches tau is attended), the step's time cut
 after each launch, build throughput (the first build includes compilation), the host time of
-an append that flushes, and the dense path's bandwidth against a device-to-device copy.
+an append that flushes, the dense path's bandwidth against a device-to-device copy, and the
+original paper's index (subspace balls, plain-torch backend) over the same keys at eps 1e-3.
 Writes JSON and a latency plot (PNG beside it).
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_common import copy_bandwidth
-from louver_kernels import Dense, IndexConfig, LouverIndex, Relative
+from louver_kernels import Dense, IndexConfig, IndexKind, LouverIndex, Relative
 from louver_kernels import reference as ref
 from louver_kernels.triton.decode import CapturedStep
 
@@ -113,6 +114,36 @@ def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[s
     return out
 
 
+def balls_row(keys: torch.Tensor, values: torch.Tensor, qs: torch.Tensor, dev: torch.device
+              ) -> dict[str, Any]:
+    """The original paper's index (subspace balls, its default 4 subspaces and clusters of 4)
+    over the same keys: eager ``attend`` at relative eps 1e-3 (plain-torch backend on the GPU:
+    it has no Triton step), its candidate fraction and its own false-negative check."""
+    import triton.testing
+
+    n_ctx = keys.shape[1]
+    _sync(dev)
+    t0 = time.perf_counter()
+    balls = LouverIndex.build(keys, values, IndexConfig(kind=IndexKind.BALLS))
+    _sync(dev)
+    build_s = time.perf_counter() - t0
+    times, fracs, false_neg = [], [], 0
+    policy = Relative(1e-3)
+    for j in range(qs.shape[1]):
+        q = qs[:, j].to(dev)
+        out = balls.attend(q, policy)
+        need = ref.scores(q, keys) >= out.tau[:, None]
+        need[:, balls.num_indexed:] = True
+        false_neg += int((need.sum(dim=1) - out.num_attended).clamp_min(0).sum())
+        fracs.append(float(out.num_candidates.float().mean()) / n_ctx)
+        times.append(triton.testing.do_bench(
+            lambda q=q: balls.attend(q, policy, validate=False), warmup=5, rep=40,
+            return_mode="median"))
+    return {"balls_build_s": build_s, "balls_eps0.001_us": statistics.median(times) * 1e3,
+            "balls_cand_frac_eps0.001": statistics.mean(fracs),
+            "balls_false_negatives": false_neg}
+
+
 def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
                 eps_list: list[float], config: IndexConfig, dev: torch.device,
                 sweep: bool = False) -> dict[str, Any]:
@@ -178,6 +209,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
         row[f"louver_graph_eps{key}_us"] = statistics.median(graph[key]) * 1e3
         row[f"ratio_graph_eps{key}"] = row[f"louver_graph_eps{key}_us"] / row["sdpa_us"]
     row["false_negatives"] = false_neg
+    row.update(balls_row(keys, values, qs, dev))
     row["stages_us"] = stage_times(index, Relative(1e-3), qs[:, 0].to(dev))
     if sweep:
         row["sweep_us"] = split_sweep(index, Relative(1e-3), qs[:, 0].to(dev))
@@ -259,6 +291,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for key in sorted(k for k in rows[0] if k.startswith("louver_graph_eps")):
             eps = key.removeprefix("louver_graph_eps").removesuffix("_us")
             ax.plot(ctx, [r[key] for r in rows], "-o", label=f"Louver relative eps={eps}")
+        if "balls_eps0.001_us" in rows[0]:
+            ax.plot(ctx, [r["balls_eps0.001_us"] for r in rows], "--s",
+                    label="subspace balls (paper's index, torch), eps=1e-3")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (keys)")
@@ -303,7 +338,8 @@ def main() -> None:
         print(label)
         print(f"{'N':>7} {'sdpa us':>8} " + " ".join(
             f"{'eps' + str(e):>10} {'graph':>7} {'x':>5} {'cand':>6}" for e in eps_list)
-            + f" {'FN':>3} {'dense us':>8} {'build Mk/s':>10} {'flush us':>8}")
+            + f" {'FN':>3} {'dense us':>8} {'build Mk/s':>10} {'flush us':>8}"
+            + f" {'balls us':>9} {'cand':>6} {'FN':>3}")
         rows = []
         for n_ctx in [int(x) for x in args.contexts.split(",")]:
             row = run_context(cap["k"], cap["v"], qs, n_ctx, eps_list, config,
@@ -316,7 +352,9 @@ def main() -> None:
                             f"{row[f'cand_frac_eps{e:g}']:6.3f}" for e in eps_list)
             print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
                   f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
-                  f"{row['flush_us']:8.0f}", flush=True)
+                  f"{row['flush_us']:8.0f} {row['balls_eps0.001_us']:9.1f} "
+                  f"{row['balls_cand_frac_eps0.001']:6.3f} {row['balls_false_negatives']:3d}",
+                  flush=True)
             for key in ("stages_us", "sweep_us"):
                 if key in row:
                     print(f"   {key}:", " ".join(f"{k}={v:.1f}" for k, v in row[key].items()))
@@ -328,7 +366,8 @@ def main() -> None:
            "timing": "median of triton.testing.do_bench (CUDA events) after warm-up; "
                      "sdpa = CUDA graph replay of the fastest backend; louver_graph = "
                      "CapturedStep replay incl. the copy of q; louver = eager index.attend "
-                     "(host launch overhead included)",
+                     "(host launch overhead included); balls = eager attend of a "
+                     "subspace-ball index (plain-torch backend) over the same keys",
            "shapes": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
