@@ -11,7 +11,9 @@ then query with its q. Per step and query head we record, for each threshold pol
   whose coarse bound reaches tau), K of the candidates and of the threshold's probe keys and V
   of the attended keys (each as the union over a GQA group, read once per KV head), the
   buffer's K and V; against dense K+V bytes,
-- a zero-false-negative check of every step.
+- a zero-false-negative check of every step,
+- the two-level idea: the fraction of blocks of 16 and 128 consecutive keys whose per-block
+  box bound (per-channel min / max) reaches tau, i.e. blocks a coarse level could not skip.
 
 Also: index bytes per key vs KV bytes per key, build and flush time, and the candidate fraction
 after many decode-time appends against a fresh build over the same keys.
@@ -111,7 +113,30 @@ def step_stats(index: LouverIndex, q: torch.Tensor, name: str) -> dict[str, floa
     cand_frac = ((cand.sum(dim=1) + buf).float() / total).mean().item()
     return {"true_frac": true_frac, "cand_frac": cand_frac, "bytes_ratio": read / dense,
             "false_negatives": int(missed.sum().item()),
-            "max_certificate": out.dropped_mass_bound.max().item()}
+            "max_certificate": out.dropped_mass_bound.max().item(),
+            **{f"block{b}_frac": block_fraction(q, keys[:, :n], tau, b) for b in BLOCKS}}
+
+
+BLOCKS = (16, 128)
+
+
+def block_fraction(q: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, block: int
+                   ) -> float:
+    """The two-level idea, measured: the fraction of blocks of ``block`` consecutive indexed
+    keys (per KV head) whose box bound sum_d max(q_d min_d, q_d max_d) (per-channel min / max
+    over the block's keys) reaches tau for some query head of the group, i.e. the blocks a
+    coarse per-block level could not skip. 1.0 means no block would be skipped."""
+    hkv, n, d = keys.shape
+    nb = n // block
+    if nb == 0:
+        return 1.0
+    kb = keys[:, : nb * block].float().reshape(hkv, nb, block, d)
+    lo = ref.expand_heads(kb.amin(dim=2), q.shape[0])                  # [Hq, nb, D]
+    hi = ref.expand_heads(kb.amax(dim=2), q.shape[0])
+    qf = q.float()[:, None, :]
+    ub = torch.maximum(qf * lo, qf * hi).sum(dim=-1)                     # [Hq, nb]
+    hit = (ub >= tau[:, None]).reshape(hkv, -1, nb).any(dim=1)
+    return hit.float().mean().item()
 
 
 def run_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: int, steps: int
@@ -262,7 +287,9 @@ def summarize(rows: list[dict[str, Any]], incremental: list[dict[str, Any]]
             entry[p] = {"true_frac": true, "cand_frac": cand,
                         "cand_over_true": cand / max(true, 1e-12),
                         "bytes_ratio": sum(r[p]["bytes_ratio"] for r in sel) / len(sel),
-                        "max_certificate": max(r[p]["max_certificate"] for r in sel)}
+                        "max_certificate": max(r[p]["max_certificate"] for r in sel),
+                        **{f"block{b}_frac": sum(r[p][f"block{b}_frac"] for r in sel)
+                           / len(sel) for b in BLOCKS}}
         inc = [r["ratio"] for r in incremental if r["variant"] == vname]
         if inc:
             entry["incremental_ratio_max"] = max(inc)
