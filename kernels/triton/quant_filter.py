@@ -509,7 +509,7 @@ def quant_filter(
             None).
         num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
             per block, warps per program, register cap per thread); the defaults fill the
-            device (maxnreg: 128 with up to 4 query heads per KV head and D <= 128, else none).
+            device.
 
     Returns:
         (cand_pos int32 [Hkv, C], cand_count int32 [Hkv], pruned_lse float32 [Hq]): see the
@@ -596,11 +596,6 @@ def quant_filter(
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
     if maxnreg is not None:
         check_int("maxnreg", maxnreg, 32, 255)
-    elif next_pow2(g) <= 4 and d <= 128:
-        # 4 CTAs per SM instead of 3: no spills at up to 4 heads per group and D <= 128 (ptxas,
-        # sm_90); measured on an H200 (CUDA graphs): 111 -> 86 us at 128k keys (32/8/128),
-        # 39 -> 37.5 us (9/3/64), no change at 8k. More heads or D = 256 would spill.
-        maxnreg = 128
 
     _check_out("cand_pos", cand_pos, (hkv,), torch.int32, device, min_cols=n_max)
     _check_out("cand_count", cand_count, (hkv,), torch.int32, device)
