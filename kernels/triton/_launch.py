@@ -7,13 +7,20 @@ Host code only; the device-side helpers shared by the kernels are in _device.py.
 from __future__ import annotations
 
 import torch
+import triton
 
 __all__ = ["FLOAT_DTYPES", "CounterPool", "check_code_layout", "check_device_scalar",
-           "check_int", "next_pow2", "num_sms"]
+           "check_int", "interpreted", "next_pow2", "num_sms"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _SM_COUNT: dict[int, int] = {}
+
+
+def interpreted(kernel: object) -> bool:
+    """Whether a @triton.jit kernel runs in Triton's interpreter (it was defined under
+    TRITON_INTERPRET=1): no inline PTX there, and its own summation order."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
 
 
 def _device_index(device: torch.device) -> int:

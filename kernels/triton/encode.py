@@ -66,7 +66,13 @@ import torch
 import triton
 import triton.language as tl
 
-from louver_kernels.triton._launch import FLOAT_DTYPES, check_code_layout, check_int, next_pow2
+from louver_kernels.triton._launch import (
+    FLOAT_DTYPES,
+    check_code_layout,
+    check_int,
+    interpreted,
+    next_pow2,
+)
 
 __all__ = ["quant_encode_packed"]
 
@@ -269,8 +275,7 @@ def _encode_kernel(
     tl.atomic_max(rmax_ptr + kh, rmax)
 
 
-# kernels defined under TRITON_INTERPRET=1 run in Triton's interpreter
-_INTERPRETED = not isinstance(_encode_kernel, triton.runtime.JITFunction)
+_INTERPRETED = interpreted(_encode_kernel)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -105,6 +105,7 @@ from louver_kernels.triton._launch import (
     check_code_layout,
     check_device_scalar,
     check_int,
+    interpreted,
     next_pow2,
     num_sms,
 )
@@ -419,6 +420,7 @@ def _quant_filter_kernel(
 # ----------------------------------------------------------------------------------------------
 
 _COUNTERS = CounterPool()  # per KV head: slot counters [0, Hkv), arrival tickets [Hkv, 2 Hkv)
+_INTERPRETED = interpreted(_quant_filter_kernel)    # no inline PTX in the interpreter
 
 
 def _block_n(block_n: int | None, seg: int | None) -> int:
@@ -631,7 +633,7 @@ def quant_filter(
         G=g, D=d, NQ=max(4, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
-        N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=device.type == "cuda",
+        N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,
         num_warps=num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return cand_pos, cand_count, pruned_lse
