@@ -250,7 +250,7 @@ class LouverIndex:
             self._step = grown_seg(self._step)
         self._cap = cap
 
-    def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor
+    def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor, check_values: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_float("keys", keys)
         _check_float("values", values)
@@ -264,7 +264,7 @@ class LouverIndex:
                              f"Dv={self.value_dim}], got {tuple(values.shape)}")
         k = keys.to(device=self.device, dtype=self.dtype)
         v = values.to(device=self.device, dtype=self.dtype)
-        if k.numel():   # T > 0 (then v is not empty either): the checks in one synchronization
+        if check_values and k.numel():   # T > 0 (v is then not empty): one synchronization
             k_finite, v_finite, k_small = torch.stack([
                 torch.isfinite(k).all(), torch.isfinite(v).all(),
                 (k.abs() <= MAX_KEY_ABS).all()]).tolist()
@@ -279,8 +279,8 @@ class LouverIndex:
                                  "float32 scores would overflow")
         return k, v
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        k, v = self._validate_kv(keys, values)
+    def _store(self, keys: torch.Tensor, values: torch.Tensor, validate: bool = True) -> None:
+        k, v = self._validate_kv(keys, values, validate)
         t = k.shape[1]
         self._grow(self.num_keys + t)
         self._keys[:, self.num_keys: self.num_keys + t] = k
@@ -289,15 +289,20 @@ class LouverIndex:
         if self._counters is not None:
             self._counters[1].fill_(self.num_keys)
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, *, validate: bool = True
+               ) -> None:
         """Append decode-time keys at positions [num_keys, num_keys + T).
 
         Args:
             keys: [Hkv, T, D]; values: [Hkv, T, Dv]; cast to the storage dtype and device.
+            validate: check that the converted keys and values are finite and the keys within
+                MAX_KEY_ABS (one host synchronization on a GPU). Pass False only when the
+                caller has checked them in the storage dtype (the service does while decoding
+                a request); shapes and dtypes are checked either way.
         The keys enter the recent buffer (attended exactly); a full buffer is flushed into the
         index. Nothing is changed if validation fails.
         """
-        self._store(keys, values)
+        self._store(keys, values, validate)
         if self.num_buffered >= self.config.buffer_size:
             self._index_pending()
 

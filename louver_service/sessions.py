@@ -217,7 +217,8 @@ class LayerState:
         if self.index is None:
             self.index = LouverIndex.build(keys, values, config=config)
         else:
-            self.index.append(keys, values)
+            # values were checked while decoding the request: no second check, no host sync
+            self.index.append(keys, values, validate=False)
 
     @property
     def has_pending(self) -> bool:

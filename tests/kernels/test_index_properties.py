@@ -211,6 +211,9 @@ def test_empty_index_attends_buffer_only() -> None:
     lambda i: i.append(torch.randn(3, 1, 16), torch.randn(3, 1, 16)),
     lambda i: i.append(torch.full((2, 1, 16), math.nan), torch.randn(2, 1, 16)),
     lambda i: i.append(torch.randint(0, 3, (2, 1, 16)), torch.randn(2, 1, 16)),
+    # validate=False skips only the value checks: shapes and dtypes still fail
+    lambda i: i.append(torch.randn(2, 1, 16), torch.randn(2, 2, 16), validate=False),
+    lambda i: i.append(torch.randint(0, 3, (2, 1, 16)), torch.randn(2, 1, 16), validate=False),
     lambda i: i.attend(torch.randn(3, 16), Relative(1e-3)),
     lambda i: i.attend(torch.randn(4, 15), Relative(1e-3)),
     lambda i: i.attend(torch.full((4, 16), math.inf), Relative(1e-3)),
@@ -224,6 +227,21 @@ def test_bad_input_raises_value_error(bad) -> None:
     with pytest.raises(ValueError):
         bad(index)
     assert index.num_keys == 10  # nothing half-applied
+
+
+def test_append_without_value_checks_stores_the_same() -> None:
+    """append(validate=False) (the service, which checks K/V while decoding the request) stores
+    and answers exactly like a checked append."""
+    keys, values = torch.randn(2, 40, 16), torch.randn(2, 40, 16)
+    cfg = IndexConfig(kind=IndexKind.QUANT, buffer_size=8)
+    a, b = LouverIndex.build(keys, values, cfg), LouverIndex.build(keys, values, cfg)
+    new_k, new_v = torch.randn(2, 11, 16), torch.randn(2, 11, 16)   # crosses a flush
+    a.append(new_k, new_v)
+    b.append(new_k, new_v, validate=False)
+    q = torch.randn(4, 16)
+    want, got = a.attend(q, Relative(1e-3)), b.attend(q, Relative(1e-3))
+    assert (a.num_keys, a.num_indexed) == (b.num_keys, b.num_indexed)
+    assert torch.equal(want.output, got.output) and torch.equal(want.tau, got.tau)
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="nope"), dict(num_subspaces=0),
