@@ -105,6 +105,9 @@ class IndexConfig:
         if self.kind is IndexKind.QUANT and head_dim > 512:
             raise ValueError(f"QUANT indexes head dims up to 512 (the slack's proof), got "
                              f"{head_dim}")
+        if self.backend == "triton" and (head_dim < 32 or head_dim & (head_dim - 1)):
+            raise ValueError(f"the Triton backend needs a power-of-two head dim in [32, 512], "
+                             f"got {head_dim}")
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale used for keys of dimension ``head_dim``."""

@@ -194,8 +194,6 @@ def index_config_from_proto(msg: pb.IndexParams, default: IndexConfig,
         "probe_recent": default.probe_recent,
         "softmax_scale": default.softmax_scale,
     }
-    # the server's decode backend applies to the kind it implements (QUANT)
-    values["backend"] = default.backend if values["kind"] is IndexKind.QUANT else "auto"
     try:
         return IndexConfig(**values)
     except ValueError as exc:

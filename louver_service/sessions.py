@@ -192,8 +192,9 @@ class LayerState:
         """Index every pending chunk: build the index if the layer has none, else append.
 
         Runs torch work (possibly long: a prefill build); callers may run it in a thread while
-        holding the session's lock. The kernels validate before they change anything, so on an
-        error the layer is as it was (its chunks still pending).
+        holding the session's lock. The chunks' values were checked while decoding the request;
+        the index checks shapes before it changes anything, so on an error the layer is as it
+        was (its chunks still pending).
         """
         if not self._pending:
             return

@@ -7,7 +7,9 @@ assembles the service's messages.
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 
 import torch
 
@@ -24,6 +26,8 @@ from louver_service.engine import (
 )
 from louver_service.errors import InvalidArgument
 from louver_service.sessions import Geometry, Session, SessionSpec, SessionStore
+
+logger = logging.getLogger(__name__)
 
 # Largest magnitudes the kernels accept (float32 scores must stay finite) are checked while
 # decoding, so such a request fails before it changes any session.
@@ -63,13 +67,25 @@ def _policy(msg: pb.ThresholdPolicy, num_q_heads: int, field: str) -> Policy | N
 
 def session_spec_from_proto(req: pb.CreateSessionRequest, default_config: IndexConfig,
                             default_policy: Policy) -> SessionSpec:
-    """Decode a CreateSession request, resolving zero fields against the server defaults."""
+    """Decode a CreateSession request, resolving zero fields against the server defaults.
+
+    The server's decode backend (``default_config.backend``) applies to the sessions its
+    kernels can run; a session they cannot (another index kind, a code layout or head dim the
+    Triton kernels do not implement) runs on the torch backend instead of failing.
+    """
     geometry = geometry_from_proto(req.geometry)
-    config = codec.index_config_from_proto(req.index, default_config)
+    config = codec.index_config_from_proto(req.index, replace(default_config, backend="auto"))
     try:
         config.validate_dims(geometry.head_dim)
     except ValueError as exc:
         raise InvalidArgument(f"index: {exc}") from None
+    if default_config.backend != "auto":
+        try:
+            chosen = replace(config, backend=default_config.backend)
+            chosen.validate_dims(geometry.head_dim)
+            config = chosen
+        except ValueError as exc:
+            logger.info("session %r runs on the torch backend: %s", req.session_id, exc)
     policy = _policy(req.default_policy, geometry.num_q_heads, "default_policy")
     return SessionSpec(geometry=geometry, config=config, policy=policy or default_policy,
                        session_id=req.session_id, expected_tokens=req.expected_tokens)

@@ -222,7 +222,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     g = q.shape[0] // hkv
     g_p = next_pow2(g)
     chunks = _chunks(index, mode)
-    ws = torch.empty(hkv * chunks * g_p, device=q.device) if chunks > 1 else dummy
+    ws = (torch.empty(hkv * chunks * g_p, dtype=torch.float32, device=q.device) if chunks > 1
+          else dummy)
     _prologue_kernel[(hkv, chunks)](
         q, keys, index._slack_coef, tau_in if tau_in is not None else dummy,
         counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
@@ -478,7 +479,9 @@ class CapturedStep:
                 self._body()
         torch.cuda.current_stream(dev).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
+        # thread_local: CUDA work that other threads issue meanwhile (a server attends other
+        # sessions from several threads) does not invalidate this capture
+        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
             self._body()
         self.graph = graph
 
@@ -501,4 +504,4 @@ class CapturedStep:
                             dropped_mass_bound=self.dropped, q_error=self.bad)
 
 
-__all__ = ["SUPPORTED", "CapturedStep", "attend", "probe_max", "slack_coef"]
+__all__ = ["SUPPORTED", "CapturedStep", "attend", "probe_chunks", "probe_max", "slack_coef"]

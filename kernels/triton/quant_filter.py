@@ -62,14 +62,14 @@ Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work ite
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
 tensor. Per segment the program forms the integer query (the G heads of the group, padded to
-NQ >= 4 columns, so that the query matrix has >= 8 columns for the int8 dot) once in channel order
-and splits it into the query matrices of the bit planes in registers, plus the per-head
-constants; per block it bounds the coarse fields and the residual norms (one [BLOCK_N, NG]
-tile) of all heads (one int8 dot per coarse plane), then loads the fine fields of the
-survivors (masked loads move no bytes for the other rows) and computes the full bounds (one
-more dot per fine plane). No software pipeline in registers: carrying the next block's code
-bytes across the loop made Triton unpack and repack them byte by byte, and did not hide
-latency (measured).
+NQ >= 4 columns, so that the query matrix has >= 8 columns for the int8 dot) once in channel
+order and splits it into the query matrices of the bit planes in registers, plus the per-head
+constants; per block it bounds the coarse fields and the residual norms (one
+[BLOCK_N, NG, NQ] tile: each key's norms repeated per head) of all heads (one int8 dot per
+coarse plane), then loads the fine fields of the survivors (masked loads move no bytes for the
+other rows) and computes the full bounds (one more dot per fine plane). No software pipeline
+in registers: carrying the next block's code bytes across the loop made Triton unpack and
+repack them byte by byte, and did not hide latency (measured).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -485,7 +485,8 @@ def quant_filter(
             head h reads KV head h // G. D % 8 == 0.
         codes: uint8 [Hkv, cap, D * bits / 8] code records (reference.pack_codes), last dim
             contiguous. Rows >= num_indexed are never read.
-        err: float16 [Hkv, cap, D/group] residual norms, last dim contiguous.
+        err: float16 [Hkv, cap, D/group] residual norms, rows contiguous (strides
+            [*, D/group, 1]).
         lo, step: float32 affine ranges, last dim contiguous: [Hkv, D] (one range per KV
             head and channel) or [Hkv, S, D] per segment of ``segment_size`` keys (key n uses
             segment n // segment_size; S >= ceil(num_indexed / segment_size), or

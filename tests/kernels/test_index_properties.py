@@ -242,6 +242,12 @@ def test_append_without_value_checks_stores_the_same() -> None:
     want, got = a.attend(q, Relative(1e-3)), b.attend(q, Relative(1e-3))
     assert (a.num_keys, a.num_indexed) == (b.num_keys, b.num_indexed)
     assert torch.equal(want.output, got.output) and torch.equal(want.tau, got.tau)
+    # and the value checks are really skipped: the caller vouches for the values
+    bad = torch.full((2, 1, 16), math.nan)
+    with pytest.raises(ValueError):
+        a.append(bad, torch.randn(2, 1, 16))
+    b.append(bad, torch.randn(2, 1, 16), validate=False)
+    assert b.num_keys == a.num_keys + 1
 
 
 @pytest.mark.parametrize("kwargs", [dict(kind="nope"), dict(num_subspaces=0),

@@ -6,12 +6,14 @@ under Triton's interpreter (tests/conftest.py), so the shapes stay small."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
-from louver_kernels import IndexKind
-from louver_proto import codec, pb
+from louver_kernels import IndexConfig, IndexKind, Relative
+from louver_proto import pb
+from louver_service import wire
 from louver_service.settings import Settings
 from tests.service.helpers import (
     DENSE,
@@ -19,6 +21,7 @@ from tests.service.helpers import (
     ServerThread,
     create,
     dense_reference,
+    geometry,
     item,
     kv,
     output,
@@ -28,6 +31,7 @@ from tests.service.helpers import (
 
 RELATIVE = pb.ThresholdPolicy(relative=pb.RelativePolicy(eps=1e-3))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # CUDA: real graph replays
+PREFILL, NEW = 250, 4   # the third step passes the index's capacity of 256 keys
 
 
 def test_captured_steps_answer_like_the_torch_backend(
@@ -35,7 +39,7 @@ def test_captured_steps_answer_like_the_torch_backend(
     servers = {"triton": make_server(index_backend="triton", device=DEVICE),
                "torch": make_server(device=DEVICE)}
     index = pb.IndexParams(buffer_size=32)
-    data = [kv(96) for _ in range(NUM_LAYERS)]
+    data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
     sids = {}
     for name, srv in servers.items():
         sids[name] = create(srv.stub, index=index)
@@ -46,13 +50,14 @@ def test_captured_steps_answer_like_the_torch_backend(
                    for layer in servers["torch"].server.store.get(sids["torch"]).layers)
     keys, values = data[0]
     first_steps: list[object] = []
-    for t in range(3):                       # 97, 98, 99 tokens: past the capacity of 96
-        q, new = query(), kv(1)
+    caps = []
+    for t in range(3):
+        q, new = query() * 6, kv(NEW)   # sharp attention: Relative(1e-3) drops most keys
         keys, values = torch.cat([keys, new[0]], 1), torch.cat([values, new[1]], 1)
         results = {}
         for name, srv in servers.items():
             resp = srv.stub.Attend(pb.AttendRequest(items=[
-                item(sids[name], 0, q, new, RELATIVE, start=96 + t),
+                item(sids[name], 0, q, new, RELATIVE, start=PREFILL + NEW * t),
                 item(sids[name], 0, q, policy=DENSE)]))
             results[name] = resp.results
         for got, want in zip(results["triton"], results["torch"], strict=True):
@@ -60,6 +65,8 @@ def test_captured_steps_answer_like_the_torch_backend(
             diff = (torch.tensor(list(got.stats.num_attended))
                     - torch.tensor(list(want.stats.num_attended))).abs()
             assert int(diff.max()) <= 1          # keys within float32 rounding of tau
+        sparse = torch.tensor(list(results["triton"][0].stats.num_attended))
+        assert int(sparse.max()) < keys.shape[1] // 2, sparse
         torch.testing.assert_close(output(results["triton"][1]),
                                    dense_reference(q, keys, values)[0], atol=1e-3, rtol=1e-3)
         steps = list(layers[0]._steps.values())
@@ -67,24 +74,33 @@ def test_captured_steps_answer_like_the_torch_backend(
         if t == 0:
             first_steps = steps
         assert [id(s) for s in steps] == [id(s) for s in first_steps]   # reused, not rebuilt
-    index0 = layers[0].index
-    assert index0 is not None
-    assert layers[0].index_bytes >= index0.index_bytes + sum(
-        s.scratch_bytes for s in layers[0]._steps.values())
+        index0 = layers[0].index
+        assert index0 is not None and not any(s.stale for s in steps)
+        caps.append(index0._cap)
+    assert caps[0] < caps[-1]     # the storage grew and the steps were re-captured for it
 
 
-def test_backend_setting_applies_to_quant_sessions_only() -> None:
-    """The server's backend reaches the QUANT sessions; a session that asks for BALLS runs on
-    torch."""
-    s = Settings(index_backend="triton")
-    assert s.index_config().backend == "triton"
-    quant = codec.index_config_from_proto(pb.IndexParams(kind=pb.INDEX_KIND_QUANT),
-                                          s.index_config())
-    balls = codec.index_config_from_proto(pb.IndexParams(kind=pb.INDEX_KIND_BALLS),
-                                          s.index_config())
-    assert quant.backend == "triton" and balls.kind is IndexKind.BALLS
-    assert balls.backend == "auto"
+def test_backend_resolution_per_session() -> None:
+    """The server's backend reaches the sessions its kernels can run; the others (another
+    kind, a code layout or head dim the kernels lack) run on torch instead of failing."""
+    default = Settings(index_backend="triton").index_config()
+    assert default.backend == "triton"
+
+    def backend(head_dim: int = 32, **index: Any) -> str:
+        req = pb.CreateSessionRequest(geometry=geometry(head_dim=head_dim, value_dim=head_dim),
+                                      index=pb.IndexParams(**index))
+        return wire.session_spec_from_proto(req, default, Relative(1e-3)).config.backend
+
+    assert backend() == "triton"
+    assert backend(kind=pb.INDEX_KIND_BALLS) == "auto"
+    assert backend(quant_bits=8) == "auto"            # the GPU code layout needs <= 7 bits
+    assert backend(head_dim=48) == "auto"             # the kernels need a power of two
+    torch_default = IndexConfig()
+    req = pb.CreateSessionRequest(geometry=geometry(), index=pb.IndexParams())
+    assert wire.session_spec_from_proto(req, torch_default, Relative(1e-3)).config.backend \
+        == "auto"
     with pytest.raises(ValueError):
         Settings(index_backend="cuda")  # type: ignore[arg-type]
     with pytest.raises(ValueError):            # the Triton backend implements QUANT only
         Settings(index_backend="triton", index_kind="balls")
+    assert IndexKind.QUANT is default.kind
