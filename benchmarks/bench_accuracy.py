@@ -292,12 +292,12 @@ def passkey_task(bench: Bench, rows: list[Row], lengths: list[int], depths: list
     return out
 
 
-def agreement_task(bench: Bench, rows: list[Row], lengths: list[int], tokens: int
-                   ) -> list[dict[str, Any]]:
+def agreement_task(bench: Bench, rows: list[Row], lengths: list[int], tokens: int,
+                   skip_offset: int = 0) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for length in lengths:
         skip, question = AGREEMENT_QUESTIONS[len(out) % len(AGREEMENT_QUESTIONS)]
-        ids = long_prompt(bench.tok, length, question, skip=skip)
+        ids = long_prompt(bench.tok, length, question, skip=skip + skip_offset)
         dense_tokens: list[int] = []
 
         def work(h: Any, ids: torch.Tensor = ids, dense_tokens: list[int] = dense_tokens
@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="passkey seeds per length and depth")
     ap.add_argument("--passkey-tokens", type=int, default=7)
     ap.add_argument("--gen-tokens", type=int, default=32, help="agreement: generated tokens")
+    ap.add_argument("--prompt-skip", type=int, default=0,
+                    help="agreement: start the prompts' text this many modules later (other "
+                         "prompts than the default run)")
     ap.add_argument("--nll-lengths", default="1024", help="NLL prefix lengths")
     ap.add_argument("--nll-positions", type=int, default=128)
     ap.add_argument("--topk", type=int, default=64)
@@ -529,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                              args.seeds, args.passkey_tokens)
         write(summarize(rows, runs), complete=False)
     if "agreement" in tasks:
-        runs += agreement_task(bench, rows, lengths, args.gen_tokens)
+        runs += agreement_task(bench, rows, lengths, args.gen_tokens, args.prompt_skip)
         write(summarize(rows, runs), complete=False)
     if "nll" in tasks:
         runs += nll_task(bench, rows, [int(x) for x in args.nll_lengths.split(",")],
