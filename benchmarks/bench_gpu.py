@@ -114,6 +114,16 @@ def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[s
     return out
 
 
+def _missed(s: torch.Tensor, tau: torch.Tensor, num_indexed: int, attended: torch.Tensor
+            ) -> int:
+    """False negatives of one step: keys the guarantee requires (exact score s >= tau, or in
+    the buffer beyond num_indexed) minus the keys attended, summed over heads (the attended
+    count can exceed the required one only by keys tied with tau in fp32)."""
+    need = s >= tau[:, None]
+    need[:, num_indexed:] = True
+    return int((need.sum(dim=1) - attended).clamp_min(0).sum())
+
+
 def balls_row(keys: torch.Tensor, values: torch.Tensor, qs: torch.Tensor, dev: torch.device
               ) -> dict[str, Any]:
     """The original paper's index (subspace balls, its default 4 subspaces and clusters of 4)
@@ -132,9 +142,7 @@ def balls_row(keys: torch.Tensor, values: torch.Tensor, qs: torch.Tensor, dev: t
     for j in range(qs.shape[1]):
         q = qs[:, j].to(dev)
         out = balls.attend(q, policy)
-        need = ref.scores(q, keys) >= out.tau[:, None]
-        need[:, balls.num_indexed:] = True
-        false_neg += int((need.sum(dim=1) - out.num_attended).clamp_min(0).sum())
+        false_neg += _missed(ref.scores(q, keys), out.tau, balls.num_indexed, out.num_attended)
         fracs.append(float(out.num_candidates.float().mean()) / n_ctx)
         times.append(triton.testing.do_bench(
             lambda q=q: balls.attend(q, policy, validate=False), warmup=5, rep=40,
@@ -182,10 +190,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
         for eps in eps_list:
             policy = Relative(eps)
             out = index.attend(q, policy)
-            need = s >= out.tau[:, None]
-            need[:, index.num_indexed:] = True
-            # the attended count can exceed need only by keys tied with tau in fp32
-            false_neg += int((need.sum(dim=1) - out.num_attended).clamp_min(0).sum())
+            false_neg += _missed(s, out.tau, index.num_indexed, out.num_attended)
             fracs[f"{eps:g}"].append(float(out.num_candidates.float().mean()) / n_ctx)
             louver[f"{eps:g}"].append(triton.testing.do_bench(
                 lambda q=q, policy=policy: index.attend(q, policy), warmup=10, rep=40,
@@ -195,7 +200,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
                 rep=40, return_mode="median"))
             step = steps[f"{eps:g}"]
             replay = step(q)
-            false_neg += int((need.sum(dim=1) - replay.num_attended).clamp_min(0).sum())
+            false_neg += _missed(s, out.tau, index.num_indexed, replay.num_attended)
             graph[f"{eps:g}"].append(triton.testing.do_bench(
                 lambda q=q, step=step: step(q), warmup=10, rep=40, return_mode="median"))
     row["sdpa_us"] = statistics.median(sdpa_ms) * 1e3

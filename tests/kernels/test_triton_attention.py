@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -203,21 +204,32 @@ def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], gro
     _check_below(below, _reference_below(q, keys, tau, scale, cand, 0), seed)
 
 
+def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: int,
+                   counts: list[int]) -> tuple[Any, ...]:
+    """fp16 keys/values (D = Dv = 64) of n_idx indexed positions and an n_buf-key buffer,
+    queries, candidate lists of ``counts`` entries per KV head and a tau per query head in a
+    score gap near the median of its candidates: (q, keys, values, cand_pos, cand_count,
+    cand, tau, buffer_start, buffer_end)."""
+    d = 64
+    bs, be = n_idx, n_idx + n_buf
+    keys = _storage(hkv, be, be, d, torch.float16, gen)
+    values = _storage(hkv, be, be, d, torch.float16, gen)
+    q = _q(hkv * g, d, torch.float16, gen)
+    cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
+    s = ref.scores(q.cpu(), keys.cpu())
+    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hkv * g)])
+    return q, keys, values, cand_pos, cand_count, cand, tau, bs, be
+
+
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
 def test_many_blocks_and_splits(num_splits: int) -> None:
     """Candidates spanning many blocks; splits from one per head to more than there are blocks."""
     gen, seed = _gen()
-    hkv, g, d = 2, 4, 64
+    hkv, g = 2, 4
     hq = hkv * g
     n_idx = 280 if not CUDA else 20000
-    bs, be = n_idx, n_idx + 20
-    keys = _storage(hkv, be, be, d, torch.float16, gen)
-    values = _storage(hkv, be, be, d, torch.float16, gen)
-    q = _q(hq, d, torch.float16, gen)
-    counts = [n_idx, n_idx * 2 // 3]
-    cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
-    s = ref.scores(q.cpu(), keys.cpu())
-    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
+    q, keys, values, cand_pos, cand_count, cand, tau, bs, be = _sparse_inputs(
+        gen, hkv, g, n_idx, 20, [n_idx, n_idx * 2 // 3])
     tau[1], tau[6] = -math.inf, math.inf
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
@@ -234,17 +246,11 @@ def test_unbalanced_heads(num_splits: int) -> None:
     """KV heads with very different candidate counts (one heavy, one empty, two light) and the
     buffer: every head against the reference."""
     gen, seed = _gen()
-    hkv, g, d = 4, 2, 64
-    hq = hkv * g
+    hkv, g = 4, 2
     n_idx = 300 if not CUDA else 30000
-    bs, be = n_idx, n_idx + 5
-    keys = _storage(hkv, be, be, d, torch.float16, gen)
-    values = _storage(hkv, be, be, d, torch.float16, gen)
-    q = _q(hq, d, torch.float16, gen)
-    cand_pos, cand_count, cand = _candidates(hkv, bs, [3, n_idx, 0, n_idx // 10], n_idx, gen)
-    s = ref.scores(q.cpu(), keys.cpu())
-    tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
-    below = _poisoned_below(hq)
+    q, keys, values, cand_pos, cand_count, cand, tau, bs, be = _sparse_inputs(
+        gen, hkv, g, n_idx, 5, [3, n_idx, 0, n_idx // 10])
+    below = _poisoned_below(hkv * g)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            num_splits=num_splits, below_lse=below)
