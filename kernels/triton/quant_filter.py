@@ -61,15 +61,16 @@ Work decomposition
 Grid (num_splits, Hkv): program (split, kh) walks a contiguous range of work items of KV head
 kh, an item being (range segment, chunk of BLOCK_N keys of it); the range is computed on the
 device from num_indexed, so the grid depends only on the capacity when num_indexed is a device
-tensor. Per segment the program forms the integer query (the G heads of the group, padded to
-NQ >= 4 columns, so that the query matrix has >= 8 columns for the int8 dot) once in channel
-order and splits it into the query matrices of the bit planes in registers, plus the per-head
-constants; per block it bounds the coarse fields and the residual norms (one
-[BLOCK_N, NG, NQ] tile: each key's norms repeated per head) of all heads (one int8 dot per
-coarse plane), then loads the fine fields of the survivors (masked loads move no bytes for the
-other rows) and computes the full bounds (one more dot per fine plane). No software pipeline
-in registers: carrying the next block's code bytes across the loop made Triton unpack and
-repack them byte by byte, and did not hide latency (measured).
+tensor; only the first min(num_splits, ceil(items / 2)) programs take part (the others exit at
+once), so a grid sized for the capacity costs little at short contexts. Per segment the program
+forms the integer query (the G heads of the group, padded to NQ >= 4 columns, so that the query
+matrix has >= 8 columns for the int8 dot) once in channel order and splits it into the query
+matrices of the bit planes in registers, plus the per-head constants; per block it bounds the
+coarse fields and the residual norms (one [BLOCK_N, NG, NQ] tile: each key's norms repeated per
+head) of all heads (one int8 dot per coarse plane), then loads the fine fields of the survivors
+(masked loads move no bytes for the other rows) and computes the full bounds (one more dot per
+fine plane). No software pipeline in registers: carrying the next block's code bytes across the
+loop made Triton unpack and repack them byte by byte, and did not hide latency (measured).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -280,7 +281,13 @@ def _quant_filter_kernel(
         seg = tl.maximum(n, 1)             # one range: a single segment of n keys
     cps = tl.cdiv(seg, BLOCK_N)            # chunks per segment
     n_items = tl.cdiv(n, seg) * cps
-    per_split = tl.cdiv(n_items, num_splits)
+    # the grid is sized for the most work (the capacity when n is read on the device); only
+    # as many splits as give each at least 2 items take part: the others exit at once and the
+    # merge reads only the active splits' partials
+    active = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_items, 2)), 1)
+    if split >= active:
+        return
+    per_split = tl.cdiv(n_items, active)
     item_lo = split * per_split
     item_hi = tl.minimum(item_lo + per_split, n_items)
 
@@ -387,16 +394,16 @@ def _quant_filter_kernel(
     # every thread's stores and slot reservations are ordered before the ticket
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + tl.num_programs(1) + kh, 1, sem="acq_rel", scope="gpu")
-    if ticket == num_splits - 1:
+    if ticket == active - 1:
         # last arrival: merge the partials of all heads at once, SPLIT_CHUNK splits per load
         # (one pass with an online max; one step for the launcher's default split counts)
         offs_s = tl.arange(0, SPLIT_CHUNK)
         m_tot = tl.full([NQ], float("-inf"), tl.float32)
         s_tot = tl.zeros([NQ], tl.float32)
         s0 = 0
-        while s0 < num_splits:
+        while s0 < active:
             sp = s0 + offs_s
-            msk = (sp < num_splits)[:, None] & q_ok[None, :]                 # [SC, NQ]
+            msk = (sp < active)[:, None] & q_ok[None, :]                     # [SC, NQ]
             wsl = ((kh * num_splits + sp) * 2 * G)[:, None] + offs_q[None, :]
             m_s = tl.load(ws_ptr + wsl, mask=msk, other=float("-inf"), cache_modifier=".cg")
             s_s = tl.load(ws_ptr + wsl + G, mask=msk, other=0.0, cache_modifier=".cg")
@@ -512,7 +519,7 @@ def quant_filter(
             None).
         num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
             per block, warps per program, register cap per thread); the defaults fill the
-            device.
+            device (maxnreg: 128 where that does not spill, G <= 4 and D <= 128).
 
     Returns:
         (cand_pos int32 [Hkv, C], cand_count int32 [Hkv], pruned_lse float32 [Hq]): see the
@@ -617,10 +624,18 @@ def quant_filter(
         blocks_max = max(1, triton.cdiv(n_max, seg) * triton.cdiv(seg, bn))
     else:
         blocks_max = max(1, triton.cdiv(n_max, bn))
+    nq = max(4, next_pow2(g))
+    if maxnreg is None and nq <= 4 and d <= 128:
+        # 128 registers (4 programs per SM instead of 2-3) without spills for these shapes
+        # (ptxas, sm_90); larger NQ or D spill. Measured on an H200, 32/8/128 at 128k keys:
+        # 112 -> 92 us; 9/3/64: 47 -> 43 us
+        maxnreg = 128
     if num_splits is None:
-        # at least two programs per SM, at most 8 blocks each (more programs than fit hide
-        # more latency on long ranges; measured on an H200 at 4k-128k keys), at least 2 blocks
-        num_splits = max(1, min(max(triton.cdiv(2 * num_sms(device), hkv),
+        # about one wave of resident programs, at most 8 blocks each (more programs than fit
+        # hide more latency on long ranges), at least 2 blocks each (measured on an H200 at
+        # 4k-128k keys)
+        per_sm = 4 if maxnreg is not None and maxnreg <= 128 else 2
+        num_splits = max(1, min(max(triton.cdiv(per_sm * num_sms(device), hkv),
                                     triton.cdiv(blocks_max, 8)), triton.cdiv(blocks_max, 2)))
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, 2 * hkv)
@@ -631,7 +646,7 @@ def quant_filter(
         n_value, cap_out, seg, num_splits, float(scale) * _LOG2E,
         q.stride(0), codes.stride(0), codes.stride(1), err.stride(0),
         stride_lh, stride_ls, cand_pos.stride(0),
-        G=g, D=d, NQ=max(4, next_pow2(g)), NG=ng, GRP=group, CB=cb, FB=fb,
+        G=g, D=d, NQ=nq, NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,

@@ -221,9 +221,10 @@ def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: in
     return q, keys, values, cand_pos, cand_count, cand, tau, bs, be
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 64])
-def test_many_blocks_and_splits(num_splits: int) -> None:
-    """Candidates spanning many blocks; splits from one per head to more than there are blocks."""
+@pytest.mark.parametrize("num_splits,min_blocks", [(1, 4), (2, 1), (3, 2), (64, 1), (64, 4)])
+def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
+    """Candidates spanning many blocks; splits from one per head to more than there are blocks
+    (with min_blocks, most of the grid exits at once and fewer partials are merged)."""
     gen, seed = _gen()
     hkv, g = 2, 4
     hq = hkv * g
@@ -234,7 +235,7 @@ def test_many_blocks_and_splits(num_splits: int) -> None:
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           num_splits=num_splits, below_lse=below)
+                           num_splits=num_splits, min_blocks=min_blocks, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
     want = _reference_below(q, keys, tau, 0.125, cand, 0)
     assert want[1] == -math.inf and torch.isfinite(want[6])
@@ -280,7 +281,7 @@ def test_merge_over_split_chunks() -> None:
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
                                out=out, lse=lse, num_attended=cnt, below_lse=below,
-                               num_splits=splits if not CUDA else 8 * splits)
+                               num_splits=splits if not CUDA else 8 * splits, min_blocks=1)
         _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
         _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
 
@@ -562,6 +563,8 @@ def _valid_args() -> dict:
     (dict(below_lse=torch.zeros(4, dtype=torch.float64)), "below_lse must be"),
     (dict(below_lse=torch.zeros(8)[::2]), "below_lse must be contiguous"),
     (dict(num_splits=0), "num_splits"),
+    (dict(min_blocks=0), "min_blocks"),
+    (dict(grid_per_sm=True), "grid_per_sm"),
     (dict(buffer_end=torch.zeros(2, dtype=torch.int32)), "one int32/int64 element"),
 ])
 def test_validation(change: dict, match: str) -> None:

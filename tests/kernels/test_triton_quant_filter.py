@@ -333,6 +333,11 @@ def test_empty_index_and_device_count() -> None:
     m1 = _as_mask(_lists(cp1, cc1, case.n, msg), case.n)
     m2 = _as_mask(_lists(cp2, cc2, case.n, msg), case.n)
     assert torch.equal(m1, m2), msg
+    # a grid far larger than the work: the idle programs exit, the merge reads the others
+    cp4, cc4, pl4 = case.run(tau, num_indexed=n_dev, num_splits=64)
+    assert torch.equal(cc1, cc4), msg
+    assert torch.allclose(pl1, pl4, rtol=1e-5, atol=1e-5), msg
+    assert torch.equal(m1, _as_mask(_lists(cp4, cc4, case.n, msg), case.n)), msg
     # an empty capacity
     zero = torch.tensor([0], dtype=torch.int64, device=DEVICE)
     cp3, cc3, pl3 = case.run(tau, num_indexed=zero)
