@@ -134,9 +134,8 @@ class LouverIndex:
         # per-head bounds used by the slack (running maxima over indexed keys)
         self._kmax = torch.zeros(num_kv_heads, device=self.device)
         self._rmax = torch.zeros(num_kv_heads, device=self.device)  # radius / residual norm
-        # Triton step: per-flush slack coefficients (updated in place), lazily created device
-        # counters (num_indexed, num_keys) for captured steps, and the eager step's scratch
-        self._slack_coef = torch.zeros(num_kv_heads, dtype=torch.float64, device=self.device)
+        # Triton step: lazily created device counters (num_indexed, num_keys) for captured
+        # steps, and the eager step's scratch
         self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_scratch: object | None = None
         h = num_kv_heads
@@ -320,12 +319,6 @@ class LouverIndex:
             self._encode_quant(k, start, end)
         self.num_indexed = end
         self.num_flushes += 1
-        if self.uses_triton:
-            from louver_kernels.triton.decode import slack_coef
-
-            self._slack_coef.copy_(slack_coef(
-                self._kmax, self._rmax, self._lmax, self.head_dim,
-                self.head_dim // self.config.quant_group))
         if self._counters is not None:
             self._counters[0].fill_(self.num_indexed)
 

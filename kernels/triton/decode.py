@@ -10,7 +10,7 @@ same per-group candidate counts, and a certificate from the same terms.
 Launches (eager, ``attend``): three, and no host synchronization on the step itself:
 
 1. ``_prologue_kernel`` (programs per KV head and chunk of probe keys): ||q_h|| and the slack
-   (a per-head constant precomputed once per flush, see ``slack_coef``), the on-device check
+   (from the index's running maxima, see ``slack_coef``), the on-device check
    of q (finite, within MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and
    tau for the policy.
 2. ``quant_filter``: candidates, cand_count, pruned_lse.
@@ -43,8 +43,13 @@ if TYPE_CHECKING:
 
 SUPPORTED = (Fixed, Relative, Dense)
 
-# Relative inflation of the precomputed slack coefficient (see slack_coef).
+# Relative inflation of the slack coefficient (see slack_coef).
 _COEF_INFLATE = 1.0 + 2.0 ** -30
+
+
+def slack_constants(head_dim: int, groups: int) -> tuple[float, float, float]:
+    """(gamma_D, gamma_m, 1 + 2^-30): the float64 constants of slack_coef's expression."""
+    return ref.gamma(head_dim), ref.gamma(3 * head_dim + 2 * groups + 8), _COEF_INFLATE
 
 
 def slack_coef(kmax: torch.Tensor, emax: torch.Tensor, lmax: torch.Tensor, head_dim: int,
@@ -68,11 +73,16 @@ def slack_coef(kmax: torch.Tensor, emax: torch.Tensor, lmax: torch.Tensor, head_
     S_ref by at most one float32 ulp (when the 2^-30 inflation crosses a rounding boundary):
     the slack is ~1e-6 of a score, so this changes no attended key and, in practice, no
     candidate.
+
+    The prologue kernel evaluates this same float64 expression on the device from the index's
+    running maxima (which the encoder updates in place), so a flush launches nothing for the
+    slack; a fused multiply-add there rounds once where this function rounds twice, within the
+    same error bound.
     """
     km, em, lm = kmax.double(), emax.double(), lmax.double()
-    m = 3 * head_dim + 2 * groups + 8
-    coef = 2.0 * (ref.gamma(head_dim) * km + ref.gamma(m) * (2 * km + 3 * em + 3 * lm))
-    return coef * _COEF_INFLATE
+    g_d, g_m, inflate = slack_constants(head_dim, groups)
+    coef = 2.0 * (g_d * km + g_m * (2 * km + 3 * em + 3 * lm))
+    return coef * inflate
 
 
 def probe_max(q: torch.Tensor, keys: torch.Tensor, num_indexed: int, total: int, sinks: int,
@@ -102,7 +112,7 @@ _COUNTERS = CounterPool()        # per KV head: the prologue's arrival tickets
 
 @triton.jit(do_not_specialize=["n_value", "total_value"])
 def _prologue_kernel(
-    q_ptr, k_ptr, coef_ptr, tau_in_ptr, n_ptr, total_ptr,
+    q_ptr, k_ptr, kmax_ptr, emax_ptr, lmax_ptr, const_ptr, tau_in_ptr, n_ptr, total_ptr,
     tau_ptr, slack_ptr, bad_ptr, ws_ptr, counter_ptr,
     n_value, total_value, cap, tau_off, max_abs,
     stride_qh, stride_kh, stride_kn,
@@ -111,7 +121,9 @@ def _prologue_kernel(
 ):
     """Program (kh, c) of grid (Hkv, S), for the query heads h = kh * G + g of KV head kh:
 
-    slack[h] = fl32(||q_h||_float64 * coef[kh])   (slack_coef's bound; program c == 0)
+    slack[h] = fl32(||q_h||_float64 * coef_kh)    (program c == 0), coef_kh = slack_coef's
+               float64 expression of kmax/emax/lmax[kh] with the constants in const (float64
+               [3], slack_constants)
     bad[kh]  = 1 if any entry of the G heads of kh is NaN, +-Inf or above max_abs in magnitude
                (program c == 0)
     tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
@@ -131,10 +143,16 @@ def _prologue_kernel(
     g_ok = offs_g < G
     heads = kh * G + offs_g
     if c == 0:
+        km = tl.load(kmax_ptr + kh).to(tl.float64)
+        em = tl.load(emax_ptr + kh).to(tl.float64)
+        lm = tl.load(lmax_ptr + kh).to(tl.float64)
+        coef = 2.0 * (tl.load(const_ptr) * km
+                      + tl.load(const_ptr + 1) * (2.0 * km + 3.0 * em + 3.0 * lm))
+        coef = coef * tl.load(const_ptr + 2)
         for g in tl.static_range(G):
             q64 = tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float64)
             qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
-            tl.store(slack_ptr + kh * G + g, (qn * tl.load(coef_ptr + kh)).to(tl.float32))
+            tl.store(slack_ptr + kh * G + g, (qn * coef).to(tl.float32))
         # NaN fails the comparison, so it counts as bad too
         qg = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :],
                      mask=g_ok[:, None], other=0.0).to(tl.float32)
@@ -209,6 +227,7 @@ def _tau_offset(index: LouverIndex, policy: Policy) -> float:
 
 def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
               tau_in: torch.Tensor | None, tau: torch.Tensor, slack: torch.Tensor,
+              slack_const: torch.Tensor,
               bad: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor] | None) -> None:
     """Launch the prologue (sizes from the index; no validation beyond the caller's).
 
@@ -225,7 +244,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     ws = (torch.empty(hkv * chunks * g_p, dtype=torch.float32, device=q.device) if chunks > 1
           else dummy)
     _prologue_kernel[(hkv, chunks)](
-        q, keys, index._slack_coef, tau_in if tau_in is not None else dummy,
+        q, keys, index._kmax, index._rmax, index._lmax, slack_const,
+        tau_in if tau_in is not None else dummy,
         counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
         tau, slack, bad, ws, _COUNTERS.get(q.device, hkv),
         index.num_indexed, index.num_keys, keys.shape[1], tau_off,
@@ -272,6 +292,9 @@ class _Scratch:
         self.cand_count = torch.empty(hkv, dtype=torch.int32, device=dev)
         self.pruned_lse = torch.empty(hq, device=dev)
         self.below_lse = torch.empty(hq, device=dev)
+        self.slack_const = torch.tensor(
+            slack_constants(index.head_dim, index.head_dim // index.config.quant_group),
+            dtype=torch.float64, device=dev)
 
 
 def _scratch(index: LouverIndex, hq: int) -> _Scratch:
@@ -297,7 +320,7 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     cfg = index.config
     if stages < 1:
         return
-    _prologue(index, q, mode, tau_off, tau_in, tau, sc.slack, bad, counts)
+    _prologue(index, q, mode, tau_off, tau_in, tau, sc.slack, sc.slack_const, bad, counts)
     if stages < 2:
         return
     if counts is None:
@@ -377,8 +400,8 @@ class CapturedStep:
     kernel and one graph launch on the host, whatever the number of keys.
 
     Re-capture: the graph holds the addresses of the index's storage and of this object's
-    buffers. Appends and flushes write the storage in place (and the per-flush slack
-    coefficients in place), so they need no re-capture; a capacity growth (``_grow``,
+    buffers. Appends and flushes write the storage and the running maxima the slack is computed
+    from in place, so they need no re-capture; a capacity growth (``_grow``,
     amortized doubling: when num_keys passes a power of two >= 256) reallocates the storage,
     and the next call re-captures automatically (``stale`` tells beforehand; growth happens
     about log2(N / 256) times over a sequence). Changing the policy needs another CapturedStep.
@@ -504,4 +527,5 @@ class CapturedStep:
                             dropped_mass_bound=self.dropped, q_error=self.bad)
 
 
-__all__ = ["SUPPORTED", "CapturedStep", "attend", "probe_chunks", "probe_max", "slack_coef"]
+__all__ = ["SUPPORTED", "CapturedStep", "attend", "probe_chunks", "probe_max", "slack_coef",
+           "slack_constants"]

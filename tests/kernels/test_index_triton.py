@@ -147,6 +147,30 @@ def test_slack_coef_matches_or_exceeds_reference_slack() -> None:
         assert bool((got <= torch.nextafter(want, torch.full_like(want, math.inf))).all())
 
 
+def test_prologue_slack_matches_or_exceeds_reference_slack() -> None:
+    """The step's slack, computed on the device from the index's running maxima (after a
+    build and after appends that flush), against reference.quant_slack: never below it, at
+    most one float32 ulp above."""
+    gen = torch.Generator().manual_seed(13)
+    hkv, g, d, group = 2, 3, 64, 16
+    keys = make_keys("clustered", hkv, 200, d, torch.float16, gen)
+    index = LouverIndex.build(keys.to(DEVICE), keys.to(DEVICE),
+                              IndexConfig(backend="triton", buffer_size=64, quant_group=group))
+    for step in range(3):
+        if step:
+            more = make_keys("outlier_channel", hkv, 64, d, torch.float16, gen) * (2.0 * step)
+            index.append(more.to(DEVICE), more.to(DEVICE))
+        for scale in (1e-3, 1.0, 30.0):
+            q = (torch.randn(hkv * g, d, generator=gen) * scale).half()
+            decode.attend(index, q.to(DEVICE), Relative(1e-3))
+            got = index._step_scratch.slack.cpu()
+            want = ref.quant_slack(q.float(), index._kmax.cpu(), index._rmax.cpu(),
+                                   index._lmax.cpu(), d // group)
+            msg = f"step {step} scale {scale}"
+            assert bool((got >= want).all()), msg
+            assert bool((got <= torch.nextafter(want, torch.full_like(want, math.inf))).all()), msg
+
+
 def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
     """CapturedStep's launches (device counters, capacity-sized grids) over a sequence of
     decode steps: appends, flushes and one capacity growth (re-capture). Without CUDA the body

@@ -30,7 +30,6 @@ import triton.language as tl
 from louver_kernels import IndexConfig, IndexKind, LouverIndex
 from louver_kernels import reference as ref
 from louver_kernels.triton import encode
-from louver_kernels.triton.decode import slack_coef
 from louver_kernels.triton.encode import (
     _row_sum,
     _ru32_sqrt,
@@ -315,8 +314,6 @@ def test_index_flushes_match_torch_backend(dtype: torch.dtype, group: int) -> No
         assert torch.equal(g_idx._step[:, :nseg].cpu(), t_idx._step[:, :nseg]), msg
         for name in ("_kmax", "_lmax", "_rmax"):
             assert torch.equal(getattr(g_idx, name).cpu(), getattr(t_idx, name)), (name, msg)
-        want = slack_coef(t_idx._kmax, t_idx._rmax, t_idx._lmax, d, d // group)
-        assert torch.equal(g_idx._slack_coef.cpu(), want), msg
 
 
 @pytest.mark.skipif(not CUDA, reason="host synchronizations exist on CUDA only")
