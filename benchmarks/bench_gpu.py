@@ -1,19 +1,19 @@
 """Louver's decode step on a GPU against torch SDPA (dense, GQA), on real SmolLM2 keys.
 
-Shapes: 9/3/64 (SmolLM2, the captured layer) and a Llama-3-8B-like 32/8/128 built from pairs
-of the real heads (llama_like). Per context N: build the QUANT index on the GPU (Triton
-backend), then for several decode queries time one layer-step (threshold + candidate filter +
-sparse attention + certificate) three ways: eager with validation of q, eager without (the
-service validates q when decoding the request), and replayed from a CUDA graph (CapturedStep;
-the ratio reported is this one); median after warm-up, CUDA events via
-triton.testing.do_bench; against SDPA over all N keys in the same run (every backend that
-accepts the shapes, GQA flag or packed query rows, each replayed from a CUDA graph; the
-fastest is the baseline). Also: the candidate fraction, a zero-false-negative check of every
-measured query (every key whose fp32 score reaches tau is attended), the step's time cut
-after each launch, build throughput (the first build includes compilation), the host time of
-an append that flushes, the dense path's bandwidth against a device-to-device copy, and the
-original paper's index (subspace balls, plain-torch backend) over the same keys at eps 1e-3.
-Writes JSON and a latency plot (PNG beside it).
+Shapes: 9/3/64 (SmolLM2, the captured layer) and a Llama-3-8B-like 32/8/128 built from pairs of
+the real heads (llama_like). Per context N: build the QUANT index on the GPU (Triton backend),
+then for several decode queries time one layer-step (threshold + candidate filter + sparse
+attention + certificate) three ways: eager with validation of q, eager without (the service
+validates q when decoding the request), and replayed from a CUDA graph (CapturedStep; the ratio
+reported is this one); median after warm-up, CUDA events via triton.testing.do_bench; against
+SDPA over all N keys in the same run (every backend that accepts the shapes, GQA flag or packed
+query rows, each replayed from a CUDA graph; the fastest is the baseline). Also: the candidate
+fraction, a zero-false-negative check of every measured query (every key whose fp32 score
+reaches tau is attended), the step's time cut after each launch, build throughput (the first
+build includes compilation), the cost of an append that flushes (host, until done, GPU span),
+the dense path's bandwidth against a device-to-device copy, and the original paper's index
+(subspace balls, plain-torch backend) over the same keys at eps 1e-3. Writes JSON and a latency
+plot (PNG beside it).
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
 
@@ -224,15 +224,35 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     row["dense_us"] = dense_ms * 1e3
     row["dense_bytes_per_s"] = keys.shape[0] * n_ctx * (d + values.shape[2]) * item / (
         dense_ms * 1e-3)
-    # flush: fill the buffer to one key short, then time the append that flushes it
-    seg = config.buffer_size
-    index.append(keys[:, : seg - 1], values[:, : seg - 1])
-    _sync(dev)
-    t0 = time.perf_counter()
-    index.append(keys[:, :1], values[:, :1])
-    _sync(dev)
-    row["flush_us"] = (time.perf_counter() - t0) * 1e6
+    row.update(flush_times(index, keys, values, dev))
     return row
+
+
+def flush_times(index: LouverIndex, keys: torch.Tensor, values: torch.Tensor,
+                dev: torch.device, reps: int = 5) -> dict[str, float]:
+    """Cost of a flush, median over ``reps``: fill the buffer to one key short, then time the
+    append that flushes it (validate=False, as the service appends): flush_host_us = wall
+    time of the call (host launch work; the GPU runs it asynchronously), flush_us = wall time
+    until the GPU finished it, flush_gpu_us = CUDA-event time from its first launch to its
+    completion."""
+    seg = index.config.buffer_size
+    host, total, gpu = [], [], []
+    for _ in range(reps):
+        index.append(keys[:, : seg - 1], values[:, : seg - 1], validate=False)
+        _sync(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        index.append(keys[:, :1], values[:, :1], validate=False)
+        end.record()
+        t1 = time.perf_counter()
+        _sync(dev)
+        t2 = time.perf_counter()
+        host.append((t1 - t0) * 1e6)
+        total.append((t2 - t0) * 1e6)
+        gpu.append(start.elapsed_time(end) * 1e3)
+    return {"flush_host_us": statistics.median(host), "flush_us": statistics.median(total),
+            "flush_gpu_us": statistics.median(gpu)}
 
 
 def make_capture(source: str, layer: int, queries: int, out: str) -> None:
