@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from louver_kernels import Dense, IndexConfig, LouverIndex, Policy, Relative
+from louver_kernels import Dense, Fixed, IndexConfig, LouverIndex, Policy, Relative
 from louver_kernels.index import AttendOutput
 from louver_proto import codec
 from louver_service.errors import (
@@ -97,6 +97,8 @@ def _step_key(policy: Policy, q: torch.Tensor) -> tuple[object, ...] | None:
         return ("relative", policy.eps, q.shape[0], q.dtype)
     if isinstance(policy, Dense):
         return ("dense", q.shape[0], q.dtype)
+    if isinstance(policy, Fixed):          # one step for every threshold: set per call
+        return ("fixed", q.shape[0], q.dtype)
     return None
 
 
@@ -141,11 +143,12 @@ class LayerState:
     def attend(self, q: torch.Tensor, policy: Policy) -> AttendOutput:
         """The decode step for q [Hq, D] on the index's device (q already validated).
 
-        A Triton index runs Relative and Dense steps through a CapturedStep kept per
-        (policy, Hq, q dtype): on a GPU one graph replay instead of three kernel launches and
-        their host-side checks. The step re-captures itself when the index grows; at most
-        MAX_CAPTURED_STEPS are kept per layer (least recently used dropped). Other policies and
-        the torch backend take the index's own attend.
+        A Triton index runs Relative, Dense and Fixed steps through a CapturedStep kept per
+        (policy, Hq, q dtype; one for every Fixed threshold, set per call): on a GPU one graph
+        replay instead of three kernel launches and their host-side checks. The step
+        re-captures itself when the index grows; at most MAX_CAPTURED_STEPS are kept per layer
+        (least recently used dropped). Other policies and the torch backend take the index's
+        own attend.
         """
         index = self.index
         if index is None:
@@ -161,7 +164,7 @@ class LayerState:
         self._steps[key] = step
         while len(self._steps) > MAX_CAPTURED_STEPS:
             self._steps.popitem(last=False)
-        return step(q)
+        return step(q, policy if isinstance(policy, Fixed) else None)
 
     def stored(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys [Hkv, end-start, D] and values [Hkv, end-start, Dv] of positions

@@ -508,13 +508,24 @@ class CapturedStep:
             self._body()
         self.graph = graph
 
-    def __call__(self, q: torch.Tensor) -> AttendOutput:
-        """One decode step: q [Hq, D] of the construction's dtype, on the index's device."""
+    def __call__(self, q: torch.Tensor, policy: Fixed | None = None) -> AttendOutput:
+        """One decode step: q [Hq, D] of the construction's dtype, on the index's device.
+
+        A step built for a Fixed policy takes another Fixed policy per call: its thresholds
+        replace the previous ones in the graph's input (one more small copy), for this call
+        and the later ones; one graph serves every threshold."""
         from louver_kernels.index import AttendOutput
 
         if tuple(q.shape) != tuple(self.q.shape) or q.dtype != self.q.dtype:
             raise ValueError(f"q must be {self.q.dtype} {list(self.q.shape)}, got {q.dtype} "
                              f"{list(q.shape)}")
+        if policy is not None:
+            if self.tau_in is None or not isinstance(policy, Fixed):
+                raise ValueError("only a step built for a Fixed policy takes a Fixed policy "
+                                 "per call")
+            # checks the count (Fixed checked the values); the graph reads tau_in at replay
+            self.tau_in.copy_(policy.taus(self.hq))
+            self.policy = policy
         if self.stale:
             self._capture()
         self.q.copy_(q)

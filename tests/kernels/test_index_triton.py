@@ -182,14 +182,18 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
     t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
                               quant_coarse_bits=4, probe_recent=16)
     steps = {p: decode.CapturedStep(g_idx, p, hkv * g, graph=CUDA)
-             for p in (Relative(1e-3), Dense())}
+             for p in (Relative(1e-3), Dense(), Fixed(0.0))}
     for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256 + flush), 262
         append_same((t_idx, g_idx), "clustered", extra, gen)
         q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
         s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
-        for policy, step in steps.items():
+        # the Fixed step takes new thresholds at every call: between two distinct scores
+        gaps = [float(u[len(u) // 2 - 1] + u[len(u) // 2]) / 2
+                for u in (torch.unique(row) for row in s)]
+        for built, step in steps.items():
             assert step.stale == (t == 1)
-            got = step(q.to(DEVICE))
+            policy = Fixed(gaps) if isinstance(built, Fixed) else built
+            got = step(q.to(DEVICE), policy if isinstance(built, Fixed) else None)
             assert not step.stale
             want = t_idx.attend(q, policy)
             check_step(t_idx, q, s, want, got, policy, f"step {t} policy {policy}")
@@ -200,6 +204,11 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
             torch.testing.assert_close(eager.output, got.output)
     with pytest.raises(ValueError):
         steps[Dense()](torch.zeros(hkv * g, d, dtype=torch.float32, device=DEVICE))
+    q = torch.zeros(hkv * g, d, dtype=dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="Fixed"):
+        steps[Dense()](q, Fixed(0.0))
+    with pytest.raises(ValueError, match="expected 1 or 3"):
+        steps[Fixed(0.0)](q, Fixed([0.0, 1.0]))
 
 
 def test_probe_split_over_programs_matches_torch_backend() -> None:

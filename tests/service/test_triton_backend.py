@@ -1,5 +1,5 @@
 """A server whose QUANT sessions run the Triton decode step (``index_backend=triton``): one
-captured step per (layer, policy), reused across decode steps and re-captured as the index
+captured step per (layer, policy; one for every Fixed threshold), reused across decode steps and re-captured as the index
 grows, answering like a torch-backend server over the same K/V. Without CUDA the kernels run
 under Triton's interpreter (tests/conftest.py), so the shapes stay small."""
 
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from louver_kernels import IndexConfig, IndexKind, Relative
+from louver_kernels import reference as ref
 from louver_proto import pb
 from louver_service import wire
 from louver_service.settings import Settings
@@ -54,11 +55,14 @@ def test_captured_steps_answer_like_the_torch_backend(
     for t in range(3):
         q, new = query() * 6, kv(NEW)   # sharp attention: Relative(1e-3) drops most keys
         keys, values = torch.cat([keys, new[0]], 1), torch.cat([values, new[1]], 1)
+        # a new Fixed threshold per step (each head's median score): the same captured step
+        taus = ref.scores(q.float(), keys.float()).median(dim=1).values
+        fixed = pb.ThresholdPolicy(fixed=pb.FixedPolicy(tau=taus.tolist()))
         results = {}
         for name, srv in servers.items():
             resp = srv.stub.Attend(pb.AttendRequest(items=[
                 item(sids[name], 0, q, new, RELATIVE, start=PREFILL + NEW * t),
-                item(sids[name], 0, q, policy=DENSE)]))
+                item(sids[name], 0, q, policy=DENSE), item(sids[name], 0, q, policy=fixed)]))
             results[name] = resp.results
         for got, want in zip(results["triton"], results["torch"], strict=True):
             torch.testing.assert_close(output(got), output(want), atol=1e-3, rtol=1e-3)
@@ -70,7 +74,7 @@ def test_captured_steps_answer_like_the_torch_backend(
         torch.testing.assert_close(output(results["triton"][1]),
                                    dense_reference(q, keys, values)[0], atol=1e-3, rtol=1e-3)
         steps = list(layers[0]._steps.values())
-        assert len(steps) == 2 and not layers[1]._steps
+        assert len(steps) == 3 and not layers[1]._steps
         if t == 0:
             first_steps = steps
         assert [id(s) for s in steps] == [id(s) for s in first_steps]   # reused, not rebuilt
