@@ -282,13 +282,15 @@ def _max_query_abs() -> float:
 
 class _Scratch:
     """Per-index intermediates of the eager step (reused from step to step on one stream):
-    slack, q flags, candidate lists and the certificate's terms. Sized by (Hq, capacity)."""
+    slack, q flags, candidate lists and the certificate's terms. Sized by (Hq, capacity);
+    ``lists=False`` (a Dense step, which runs no filter) leaves out the candidate lists."""
 
-    def __init__(self, index: LouverIndex, hq: int) -> None:
+    def __init__(self, index: LouverIndex, hq: int, lists: bool = True) -> None:
         dev, hkv = index.device, index.num_kv_heads
         self.key = (hq, index._cap)
         self.slack = torch.empty(hq, device=dev)
-        self.cand_pos = torch.empty(hkv, max(index._cap, 1), dtype=torch.int32, device=dev)
+        self.cand_pos = torch.empty(hkv, max(index._cap, 1) if lists else 1,
+                                    dtype=torch.int32, device=dev)
         self.cand_count = torch.empty(hkv, dtype=torch.int32, device=dev)
         self.pruned_lse = torch.empty(hq, device=dev)
         self.below_lse = torch.empty(hq, device=dev)
@@ -465,12 +467,12 @@ class CapturedStep:
     @property
     def scratch_bytes(self) -> int:
         """Bytes of device memory this step holds besides the index (its buffers; the
-        candidate list, int32 [Hkv, capacity], dominates)."""
+        candidate list, int32 [Hkv, capacity] except in a Dense step, dominates)."""
         own = (self.q, self.tau, self.bad, self.out, self.lse, self.num_att, self.dropped,
                self.num_cand)
         sc = self._sc
         held = () if sc is None else (sc.slack, sc.cand_pos, sc.cand_count, sc.pruned_lse,
-                                      sc.below_lse)
+                                      sc.below_lse, sc.slack_const)
         return sum(t.numel() * t.element_size() for t in (*own, *held))
 
     @property
@@ -488,7 +490,8 @@ class CapturedStep:
     def _capture(self) -> None:
         index = self.index
         self._cap = index._cap
-        self._sc = _Scratch(index, self.hq)   # own buffers: the graph keeps their addresses
+        # own buffers: the graph keeps their addresses
+        self._sc = _Scratch(index, self.hq, lists=self.mode != MODE_DENSE)
         self.graph = None
         if not self.use_graph:
             return

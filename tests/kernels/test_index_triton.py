@@ -204,6 +204,10 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
             torch.testing.assert_close(eager.output, got.output)
     with pytest.raises(ValueError):
         steps[Dense()](torch.zeros(hkv * g, d, dtype=torch.float32, device=DEVICE))
+    # a Dense step runs no filter: it holds no candidate list
+    cap = g_idx._cap
+    assert (steps[Relative(1e-3)].scratch_bytes - steps[Dense()].scratch_bytes
+            == 4 * hkv * (cap - 1))
     q = torch.zeros(hkv * g, d, dtype=dtype, device=DEVICE)
     with pytest.raises(ValueError, match="Fixed"):
         steps[Dense()](q, Fixed(0.0))

@@ -1,7 +1,8 @@
 """A server whose QUANT sessions run the Triton decode step (``index_backend=triton``): one
-captured step per (layer, policy; one for every Fixed threshold), reused across decode steps and re-captured as the index
-grows, answering like a torch-backend server over the same K/V. Without CUDA the kernels run
-under Triton's interpreter (tests/conftest.py), so the shapes stay small."""
+captured step per (layer, policy; one for every Fixed threshold), reused across decode steps
+and re-captured as the index grows, answering like a torch-backend server over the same K/V.
+Without CUDA the kernels run under Triton's interpreter (tests/conftest.py), so the shapes stay
+small."""
 
 from __future__ import annotations
 
