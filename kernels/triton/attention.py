@@ -166,8 +166,8 @@ def _sparse_attention_kernel(
     total = n_cand + (b_end - b_start)
     n_blocks = tl.cdiv(total, BLOCK_N)
     # the grid is sized for the most work (the capacity when counts are read on the device);
-    # only as many splits as give each at least MIN_BLOCKS blocks take part: the others exit
-    # at once and the merge reads only the active splits' partials
+    # at most one split per MIN_BLOCKS blocks takes part: the others exit at once and the merge
+    # reads only the active splits' partials
     active = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_blocks, MIN_BLOCKS)), 1)
     if split >= active:
         return
@@ -536,7 +536,7 @@ def sparse_attention(
         num_splits: override of the grid's programs per KV head (default: grid_per_sm
             programs per SM over all KV heads, at most one per min_blocks blocks of the
             largest possible list).
-        min_blocks: each taking part program gets at least this many blocks: the kernel uses
+        min_blocks: at most one taking part program per min_blocks blocks: the kernel uses
             min(num_splits, ceil(blocks / min_blocks)) programs of the grid for the actual
             list length (read on the device) and the others exit at once.
         grid_per_sm: see num_splits; default 4 in sparse mode, 2 in dense mode. Measured on

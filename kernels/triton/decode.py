@@ -406,7 +406,8 @@ class CapturedStep:
     from in place, so they need no re-capture; a capacity growth (``_grow``,
     amortized doubling: when num_keys passes a power of two >= 256) reallocates the storage,
     and the next call re-captures automatically (``stale`` tells beforehand; growth happens
-    about log2(N / 256) times over a sequence). Changing the policy needs another CapturedStep.
+    about log2(N / 256) times over a sequence). Changing the policy needs another
+    CapturedStep, except for Fixed thresholds (a Fixed step takes new ones per call).
 
     Contracts: the outputs returned by a call are views of this object's static buffers and
     are overwritten by the next call; q must have the shape and dtype given at construction;

@@ -281,9 +281,9 @@ def _quant_filter_kernel(
         seg = tl.maximum(n, 1)             # one range: a single segment of n keys
     cps = tl.cdiv(seg, BLOCK_N)            # chunks per segment
     n_items = tl.cdiv(n, seg) * cps
-    # the grid is sized for the most work (the capacity when n is read on the device); only
-    # as many splits as give each at least 2 items take part: the others exit at once and the
-    # merge reads only the active splits' partials
+    # the grid is sized for the most work (the capacity when n is read on the device); at most
+    # one split per 2 items takes part: the others exit at once and the merge reads only the
+    # active splits' partials
     active = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_items, 2)), 1)
     if split >= active:
         return
