@@ -9,11 +9,12 @@ reported is this one); median after warm-up, CUDA events via triton.testing.do_b
 SDPA over all N keys in the same run (every backend that accepts the shapes, GQA flag or packed
 query rows, each replayed from a CUDA graph; the fastest is the baseline). Also: the candidate
 fraction, a zero-false-negative check of every measured query (every key whose fp32 score
-reaches tau is attended), the step's time cut after each launch, build throughput (the first
-build includes compilation), the cost of an append that flushes (host, until done, GPU span),
-the dense path's bandwidth against a device-to-device copy, and the original paper's index
-(subspace balls, plain-torch backend) over the same keys at eps 1e-3. Writes JSON and a latency
-plot (PNG beside it).
+reaches tau is attended), the step's time cut after each launch, the step time against the
+candidate fraction (Fixed thresholds at score quantiles of the real keys), build throughput (the
+first build includes compilation), the cost of an append that flushes (host, until done, GPU
+span), the dense path's bandwidth against a device-to-device copy, and the original paper's
+index (subspace balls, plain-torch backend) over the same keys at eps 1e-3. Writes JSON and a
+latency plot (PNG beside it).
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu_common import copy_bandwidth
-from louver_kernels import Dense, IndexConfig, IndexKind, LouverIndex, Relative
+from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative
 from louver_kernels import reference as ref
 from louver_kernels.triton.decode import CapturedStep
 
@@ -111,6 +112,37 @@ def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[s
         out[f"filter_splits{n}"] = _replay_us(index, policy, q, 2, {"filter": {"num_splits": n}})
         out[f"attention_splits{n}"] = _replay_us(index, policy, q, 3,
                                                  {"attention": {"num_splits": n}})
+    return out
+
+
+FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
+
+
+def fraction_sweep(index: LouverIndex, keys: torch.Tensor, q: torch.Tensor
+                   ) -> dict[str, dict[str, float]]:
+    """Step time against the candidate fraction, on the real keys: Fixed thresholds at each
+    head's (1 - f) quantile of its exact scores for f in FRACTIONS (one captured step per
+    stage count, new thresholds per call). Per f: the candidate fraction reached (the group
+    union, so above f), the whole step and the step cut after the filter (median us)."""
+    import triton.testing
+
+    s = ref.scores(q, keys)
+    ranked = torch.sort(s, dim=1, descending=True).values
+    n = s.shape[1]
+    first = Fixed(ranked[:, 0].tolist())
+    steps = {stages: CapturedStep(index, first, q.shape[0], q_dtype=q.dtype, stages=stages)
+             for stages in (2, 3)}
+    out = {}
+    for f in FRACTIONS:
+        policy = Fixed(ranked[:, min(int(f * n), n - 1)].tolist())
+        row = {}
+        for stages, step in steps.items():
+            res = step(q, policy)
+            if stages == 3:
+                row["cand_frac"] = float(res.num_candidates.float().mean()) / n
+            row["step_us" if stages == 3 else "upto_filter_us"] = 1e3 * triton.testing.do_bench(
+                lambda step=step: step(q), warmup=10, rep=40, return_mode="median")
+        out[f"{f:g}"] = row
     return out
 
 
@@ -218,6 +250,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     row["stages_us"] = stage_times(index, Relative(1e-3), qs[:, 0].to(dev))
     if sweep:
         row["sweep_us"] = split_sweep(index, Relative(1e-3), qs[:, 0].to(dev))
+    row["fraction_sweep"] = fraction_sweep(index, keys, qs[:, 0].to(dev))
     q = qs[:, 0].to(dev)
     dense_ms = _replay_us(index, Dense(), q) * 1e-3   # the step with every key attended
     item = keys.element_size()
@@ -383,6 +416,9 @@ def main() -> None:
             for key in ("stages_us", "sweep_us"):
                 if key in row:
                     print(f"   {key}:", " ".join(f"{k}={v:.1f}" for k, v in row[key].items()))
+            print("   fraction_sweep (f: cand, filter us, step us):", " ".join(
+                f"{f}: {r['cand_frac']:.3f} {r['upto_filter_us']:.1f} {r['step_us']:.1f}"
+                for f, r in row["fraction_sweep"].items()))
         results.append({"shape": label, "gpu": torch.cuda.get_device_name(),
                         "keys": cap["meta"]["source"] + "; contexts beyond it repeat it",
                         "rows": rows})
