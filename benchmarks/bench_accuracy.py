@@ -485,12 +485,20 @@ def _jsonable(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def build_rows(topk: int, match: list[str]) -> list[Row]:
+def build_rows(topk: int, match: list[str], keep: list[str] | None = None) -> list[Row]:
+    """The Louver rows (only those named in ``keep`` and dense, when given), then the two
+    budget baselines matched to each row named in ``match``."""
     rows = [Row("dense", Dense()),
             Row("rel_1e-2", Relative(1e-2)), Row("rel_1e-3", Relative(1e-3)),
             Row("rel_1e-4", Relative(1e-4)),
             Row("mass_1e-2", Mass(1e-2)), Row("mass_1e-3", Mass(1e-3)),
             Row(f"topk_{topk}", TopK(topk))]
+    if keep is not None:
+        unknown = set(keep) - {r.name for r in rows}
+        if unknown:
+            raise ValueError(f"--rows {sorted(unknown)} are not Louver rows "
+                             f"({[r.name for r in rows]})")
+        rows = [r for r in rows if r.name == "dense" or r.name in keep]
     names = {r.name for r in rows}
     for m in match:
         if m not in names:
@@ -515,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--match", default="rel_1e-3,rel_1e-2",
                     help="Louver rows the budget baselines are matched to")
+    ap.add_argument("--rows", default="",
+                    help="only these Louver rows (and dense); default: all")
     ap.add_argument("--tasks", default="passkey,agreement,nll")
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--threads", type=int, default=1,
@@ -527,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_flush_denormal(True)
     lengths = [int(x) for x in args.lengths.split(",")]
     tasks = args.tasks.split(",")
-    rows = build_rows(args.topk, [m for m in args.match.split(",") if m])
+    rows = build_rows(args.topk, [m for m in args.match.split(",") if m],
+                      [r for r in args.rows.split(",") if r] or None)
     t0 = time.perf_counter()
     bench = Bench(getattr(torch, args.dtype))
     runs: list[dict[str, Any]] = []
