@@ -22,8 +22,18 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-def build_pair(keys: torch.Tensor, values: torch.Tensor, **cfg: object
-               ) -> tuple[LouverIndex, LouverIndex]:
+def make_kv(kind: str, hkv: int, t: int, d: int, dtype: torch.dtype, gen: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t keys of keygen ``kind`` and random values (of dim D), [Hkv, t, D] in ``dtype``."""
+    return (make_keys(kind, hkv, t, d, dtype, gen),
+            torch.randn(hkv, t, d, generator=gen).to(dtype))
+
+
+def build_pair(kind: str, hkv: int, n: int, d: int, dtype: torch.dtype, gen: torch.Generator,
+               **cfg: object) -> tuple[LouverIndex, LouverIndex]:
+    """A torch-backend and a Triton-backend QUANT index (``cfg``) over the same n keys of
+    keygen ``kind`` and random values."""
+    keys, values = make_kv(kind, hkv, n, d, dtype, gen)
     base = dict(kind=IndexKind.QUANT, **cfg)
     torch_index = LouverIndex.build(keys, values, IndexConfig(backend="torch", **base))
     triton_index = LouverIndex.build(keys.to(DEVICE), values.to(DEVICE),
@@ -37,9 +47,7 @@ def append_same(indexes: tuple[LouverIndex, ...], kind: str, t: int, gen: torch.
     """Append the same t keys (keygen ``kind``) and random values, in the first index's
     dtype and head dim (values of dim D), to every index."""
     first = indexes[0]
-    hkv, d, dtype = first.num_kv_heads, first.head_dim, first.dtype
-    k = make_keys(kind, hkv, t, d, dtype, gen)
-    v = torch.randn(hkv, t, d, generator=gen).to(dtype)
+    k, v = make_kv(kind, first.num_kv_heads, t, first.head_dim, first.dtype, gen)
     for index in indexes:
         index.append(k, v)
 
@@ -53,9 +61,7 @@ def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group:
     seed = int(torch.randint(0, 2**31, ()).item())
     gen = torch.Generator().manual_seed(seed)
     hkv, n, d = 2, 150, 64
-    keys = make_keys(kind, hkv, n, d, dtype, gen)
-    values = torch.randn(hkv, n, d, generator=gen).to(dtype)
-    t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
+    t_idx, g_idx = build_pair(kind, hkv, n, d, dtype, gen, buffer_size=32, quant_bits=6,
                               quant_coarse_bits=4, probe_recent=16)
     append_same((t_idx, g_idx), kind, 20, gen)   # crosses a flush; leaves keys in the buffer
     assert g_idx.num_buffered == t_idx.num_buffered > 0
@@ -177,10 +183,8 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
     runs eagerly under the interpreter (graph=False): the CUDA graph itself is GPU-only."""
     gen = torch.Generator().manual_seed(11)
     hkv, g, d, dtype = 1, 3, 64, torch.float16
-    keys = make_keys("clustered", hkv, 230, d, dtype, gen)
-    values = torch.randn(hkv, 230, d, generator=gen).to(dtype)
-    t_idx, g_idx = build_pair(keys, values, buffer_size=32, quant_bits=6,
-                              quant_coarse_bits=4, probe_recent=16)
+    t_idx, g_idx = build_pair("clustered", hkv, 230, d, dtype, gen, buffer_size=32,
+                              quant_bits=6, quant_coarse_bits=4, probe_recent=16)
     steps = {p: decode.CapturedStep(g_idx, p, hkv * g, graph=CUDA)
              for p in (Relative(1e-3), Dense(), Fixed(0.0))}
     for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256 + flush), 262
@@ -222,10 +226,8 @@ def test_probe_split_over_programs_matches_torch_backend() -> None:
     left at zero between launches."""
     gen = torch.Generator().manual_seed(5)
     hkv, g, d, dtype = 2, 3, 32, torch.float16
-    keys = make_keys("outlier_channel", hkv, 300, d, dtype, gen)
-    values = torch.randn(hkv, 300, d, generator=gen).to(dtype)
-    t_idx, g_idx = build_pair(keys, values, buffer_size=64, quant_bits=6,
-                              quant_coarse_bits=4, probe_recent=150)
+    t_idx, g_idx = build_pair("outlier_channel", hkv, 300, d, dtype, gen, buffer_size=64,
+                              quant_bits=6, quant_coarse_bits=4, probe_recent=150)
     assert decode.probe_chunks(g_idx, Relative(1e-3)) == 3
     step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
     for t, extra in enumerate((3, 40, 1)):
