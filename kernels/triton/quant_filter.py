@@ -65,7 +65,11 @@ tensor; only the first min(num_splits, ceil(items / 2)) programs take part (the 
 once), so a grid sized for the capacity costs little at short contexts. Per segment the program
 forms the integer query (the G heads of the group, padded to NQ >= 4 columns, so that the query
 matrix has >= 8 columns for the int8 dot) once in channel order and splits it into the query
-matrices of the bit planes in registers, plus the per-head constants; per block it bounds the
+matrices of the bit planes in registers, plus the per-head constants, then walks the segment's
+blocks in an inner loop, where the query matrices are loop-invariant: they are staged for the
+tensor cores once per segment (carried across one flat loop over items they were re-staged
+through shared memory at every block: the loop body went from 901 to 694 SASS instructions for
+32/8/128, the filter ~4 % faster on an H200 at 128k keys). Per block it bounds the
 coarse fields and the residual norms (one [BLOCK_N, NG, NQ] tile: each key's norms repeated per
 head) of all heads (one int8 dot per coarse plane), then loads the fine fields of the survivors
 (masked loads move no bytes for the other rows) and computes the full bounds (one more dot per
@@ -221,16 +225,6 @@ def _combine(acc, BN: tl.constexpr, NQ: tl.constexpr):
 
 
 @triton.jit
-def _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N: tl.constexpr):
-    """Work item it = (segment s, chunk c of BLOCK_N keys): (s, key positions, valid rows)."""
-    s = it // cps
-    in_seg = (it - s * cps) * BLOCK_N + offs_n
-    rows = s * seg + in_seg
-    valid = (in_seg < seg) & (rows < n) & (it < item_hi)
-    return s, rows, valid
-
-
-@triton.jit
 def _segment(qt, st, lo, HALF: tl.constexpr, CB: tl.constexpr, NBC: tl.constexpr,
              FB: tl.constexpr, NBF: tl.constexpr):
     """Per range segment (lo, step [D]): the integer query (reference.quant_query_int) as the
@@ -315,73 +309,70 @@ def _quant_filter_kernel(
     m_el = tl.full([BLOCK_N, NQ], float("-inf"), tl.float32)
     s_el = tl.zeros([BLOCK_N, NQ], tl.float32)
     it = item_lo
-    s_cur = it // cps                      # the first segment's query (loads masked if idle)
-    r_row = r_base + s_cur.to(tl.int64) * stride_ls + offs_d
-    r_ok = (offs_d < D) & (it < item_hi)
-    qmc, qmf, sigma, cc, fc = _segment(qt, tl.load(step_ptr + r_row, mask=r_ok, other=0.0),
-                                       tl.load(lo_ptr + r_row, mask=r_ok, other=0.0),
-                                       HALF, CB, NBC, FB, NBF)
     while it < item_hi:
-        s, rows, valid = _item(it, item_hi, cps, seg, n, offs_n, BLOCK_N)
-        rows64 = rows.to(tl.int64)
-        hb = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
-                     mask=valid[:, None], other=0)
-        # residual norms as [BLOCK_N, NG, NQ], each row's norms repeated per head (the same
-        # addresses: one DRAM read), so that the sum over groups stays within a thread (a
-        # [BLOCK_N, NG] tile put the groups across lanes: ~100 shuffles per block)
-        e = tl.load(e_base + (rows64[:, None] * NG + offs_g[None, :])[:, :, None]
-                    + offs_q[None, None, :] * 0, mask=valid[:, None, None],
-                    other=0.0).to(tl.float32)
-        # ---- per segment: the integer query and the constants ----
-        if s != s_cur:
-            r_row = r_base + s.to(tl.int64) * stride_ls + offs_d
-            qmc, qmf, sigma, cc, fc = _segment(qt, tl.load(step_ptr + r_row),
-                                               tl.load(lo_ptr + r_row), HALF, CB, NBC, FB, NBF)
-            s_cur = s
+        # ---- per segment: the integer query and the constants, then the segment's chunks in
+        # an inner loop (the query matrices are loop-invariant there: staged once per segment)
+        s = it // cps
+        r_row = r_base + s.to(tl.int64) * stride_ls + offs_d
+        qmc, qmf, sigma, cc, fc = _segment(qt, tl.load(step_ptr + r_row),
+                                           tl.load(lo_ptr + r_row), HALF, CB, NBC, FB, NBF)
         sig_c = sigma * SHIFT
+        seg_end = tl.minimum(item_hi, (s + 1) * cps)
+        while it < seg_end:
+            in_seg = (it - s * cps) * BLOCK_N + offs_n          # chunk it - s * cps of s
+            rows = s * seg + in_seg
+            valid = (in_seg < seg) & (rows < n)
+            rows64 = rows.to(tl.int64)
+            hb = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
+                         mask=valid[:, None], other=0)
+            # residual norms as [BLOCK_N, NG, NQ], each row's norms repeated per head (the same
+            # addresses: one DRAM read), so that the sum over groups stays within a thread (a
+            # [BLOCK_N, NG] tile put the groups across lanes: ~100 shuffles per block)
+            e = tl.load(e_base + (rows64[:, None] * NG + offs_g[None, :])[:, :, None]
+                        + offs_q[None, None, :] * 0, mask=valid[:, None, None],
+                        other=0.0).to(tl.float32)
+            # ---- coarse stage: residual terms + coarse field, all heads ----
+            et = tl.sum(e * qng[None, :, :], axis=1)
+            a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
+            coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
+            hit = (coarse >= tau[None, :]) & q_ok[None, :]
+            surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
 
-        # ---- coarse stage: residual terms + coarse field, all heads ----
-        et = tl.sum(e * qng[None, :, :], axis=1)
-        a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
-        coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
-        hit = (coarse >= tau[None, :]) & q_ok[None, :]
-        surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
+            # ---- fine stage: the low field of the survivors, full bound (no branch on "any
+            # survivor": at realistic candidate fractions nearly every block has one, and the
+            # masked load moves no bytes for the other rows) ----
+            if FB > 0:
+                lb = tl.load(k_base + rows64[:, None] * stride_kn + NBC
+                             + tl.arange(0, NBF)[None, :], mask=surv[:, None], other=0)
+                # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
+                a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF, PACKED), BLOCK_N,
+                                          NQ)
+                full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) + slack[None, :]
+                hit_f = (full >= tau[None, :]) & q_ok[None, :]
+                cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
+                bnd = tl.where(surv[:, None], full, coarse)
+            else:
+                cand = surv
+                bnd = coarse
 
-        # ---- fine stage: the low field of the survivors, full bound (no branch on "any
-        # survivor": at realistic candidate fractions nearly every block has one, and the
-        # masked load moves no bytes for the other rows) ----
-        if FB > 0:
-            lb = tl.load(k_base + rows64[:, None] * stride_kn + NBC + tl.arange(0, NBF)[None, :],
-                         mask=surv[:, None], other=0)
-            # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
-            a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF, PACKED), BLOCK_N,
-                                      NQ)
-            full = (a2.to(tl.float32) * sigma[None, :] + fc[None, :] + et) + slack[None, :]
-            hit_f = (full >= tau[None, :]) & q_ok[None, :]
-            cand = surv & (tl.max(hit_f.to(tl.int32), axis=1) > 0)
-            bnd = tl.where(surv[:, None], full, coarse)
-        else:
-            cand = surv
-            bnd = coarse
+            # ---- certificate: x = scale * bound (log2 units) of the pruned keys ----
+            x = tl.where((valid & (~cand))[:, None] & q_ok[None, :], bnd * scale_log2,
+                         float("-inf"))
+            # one exp2 per entry: exp2(-|x - m|) rescales whichever of (sum, new term) is smaller
+            up = x > m_el
+            mx = tl.maximum(m_el, x)
+            ex = tl.exp2(tl.minimum(m_el, x) - tl.where(mx == float("-inf"), 0.0, mx))
+            s_el = tl.where(up, s_el * ex + 1.0, s_el + ex)
+            m_el = mx
 
-        # ---- certificate: x = scale * bound (log2 units) of the pruned keys ----
-        x = tl.where((valid & (~cand))[:, None] & q_ok[None, :], bnd * scale_log2,
-                     float("-inf"))
-        # one exp2 per entry: exp2(-|x - m|) rescales whichever of (sum, new term) is smaller
-        up = x > m_el
-        mx = tl.maximum(m_el, x)
-        ex = tl.exp2(tl.minimum(m_el, x) - tl.where(mx == float("-inf"), 0.0, mx))
-        s_el = tl.where(up, s_el * ex + 1.0, s_el + ex)
-        m_el = mx
-
-        # ---- compaction: one atomic per block reserves the block's slot range ----
-        ci = cand.to(tl.int32)
-        cnt = tl.sum(ci, axis=0)
-        if cnt > 0:
-            start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
-            slot = start + tl.cumsum(ci, axis=0) - ci
-            tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
-        it += 1
+            # ---- compaction: one atomic per block reserves the block's slot range ----
+            ci = cand.to(tl.int32)
+            cnt = tl.sum(ci, axis=0)
+            if cnt > 0:
+                start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
+                slot = start + tl.cumsum(ci, axis=0) - ci
+                tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
+            it += 1
 
     # ---- publish this program's partial (max, sum) per head ----
     m_run = tl.max(m_el, axis=0)
