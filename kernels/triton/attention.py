@@ -26,10 +26,13 @@ For KV head ``kh`` the kernel walks a *virtual candidate list* of T = C + B entr
 candidate positions (``cand_pos[kh, :cand_count[kh]]`` in sparse mode, ``0 .. dense_end-1`` in
 dense mode), filtered by tau, followed by the B = buffer_end - buffer_start buffer positions,
 attended unconditionally. The list is cut into blocks of BLOCK_N entries and the blocks into
-contiguous ranges, one program per (KV head, split). The split of the blocks is computed on the
-device from the actual count T, so the work stays balanced whatever the padding of ``cand_pos``
-(maxC only sizes the grid): of the grid's ``num_splits`` programs per KV head, only the first
-min(num_splits, ceil(blocks / MIN_BLOCKS)) take part, and the others exit at once.
+contiguous ranges (splits), one program per (KV head, split). The grid is one-dimensional and
+sized by the launcher for the most work (maxC, or the capacity when counts are read on the
+device); every program reads all KV heads' counts and works out the same assignment: head kh gets
+1 + floor((P - Hkv) * blocks_kh / sum of blocks) of the P programs, at most
+ceil(blocks_kh / MIN_BLOCKS) and at least one, in head order; the rest exit at once. So the work
+stays balanced across heads whatever their candidate counts (real queries are skewed: one KV
+head may have ten times the candidates of another) and whatever the padding of ``cand_pos``.
 
 A program loads each K row once for all G query heads of its group (GQA) and computes exact
 float32 scores with FMAs (broadcast-multiply-sum), never tensor cores: the score must be the
@@ -116,8 +119,7 @@ def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
 
 # Scalars that change from call to call are not specialized (no recompilation when one happens
 # to be 1 or a multiple of 16); strides stay specialized (16-byte vector loads need them).
-@triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c",
-                               "num_splits"])
+@triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c"])
 @no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, tau_ptr,
@@ -128,20 +130,20 @@ def _sparse_attention_kernel(
     pruned_ptr, dropped_ptr, ncand_ptr,
     scale,
     dense_end, buf_start, buf_end,
-    cap, max_c, num_splits,
+    cap, max_c, num_kv,
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
     G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
-    MIN_BLOCKS: tl.constexpr,
+    MIN_BLOCKS: tl.constexpr, HKV_P: tl.constexpr,
 ):
-    kh = tl.program_id(0)
-    split = tl.program_id(1)
+    prog = tl.program_id(0)
     # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32
-    # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head)
-    n_slots = tl.num_programs(0) * num_splits
+    # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head); one slot
+    # per program of the grid
+    n_slots = tl.num_programs(0)
     ws_ml_ptr = ws_ptr
     ws_acc_ptr = ws_ptr + n_slots * (2 * G)
     ws_cnt_ptr = (ws_acc_ptr + n_slots * (G * DV)).to(tl.pointer_type(tl.int32), bitcast=True)
@@ -152,25 +154,41 @@ def _sparse_attention_kernel(
     NCK: tl.constexpr = D // CK
     NCV: tl.constexpr = DV // CV
 
-    # ---- extent of this KV head's virtual candidate list (clamped: never trust the inputs) ----
+    # ---- every KV head's virtual candidate list, and this program's (KV head, split) ----
+    # (counts clamped: never trust the inputs)
     b_start = load_scalar(buf_start_ptr, buf_start, BUF_START_ON_DEVICE)
     b_end = load_scalar(buf_end_ptr, buf_end, BUF_END_ON_DEVICE)
     b_start = tl.minimum(tl.maximum(b_start, 0), cap)
     b_end = tl.minimum(tl.maximum(b_end, b_start), cap)
+    offs_h = tl.arange(0, HKV_P)
+    h_ok = offs_h < num_kv
     if SPARSE:
-        n_cand = tl.load(cand_count_ptr + kh).to(tl.int32)
-        n_cand = tl.minimum(tl.maximum(n_cand, 0), max_c)
+        n_cand_h = tl.load(cand_count_ptr + offs_h, mask=h_ok, other=0).to(tl.int32)
+        n_cand_h = tl.minimum(tl.maximum(n_cand_h, 0), max_c)
     else:
-        n_cand = load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE)
-        n_cand = tl.minimum(tl.maximum(n_cand, 0), b_start)
-    total = n_cand + (b_end - b_start)
-    n_blocks = tl.cdiv(total, BLOCK_N)
-    # the grid is sized for the most work (the capacity when counts are read on the device);
-    # at most one split per MIN_BLOCKS blocks takes part: the others exit at once and the merge
-    # reads only the active splits' partials
-    active = tl.maximum(tl.minimum(num_splits, tl.cdiv(n_blocks, MIN_BLOCKS)), 1)
-    if split >= active:
+        n_cand_h = tl.zeros([HKV_P], tl.int32) + tl.minimum(
+            tl.maximum(load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE), 0), b_start)
+    blocks_h = tl.where(h_ok, tl.cdiv(n_cand_h + (b_end - b_start), BLOCK_N), 0)
+    # the grid (sized for the most work: the capacity when counts are read on the device) is
+    # shared by the KV heads in proportion to their blocks, so that a head with many
+    # candidates gets many programs: every head gets at least one split (its outputs are
+    # written even when its list is empty), at most one per MIN_BLOCKS blocks; programs left
+    # over exit at once, and each head's merge reads only its own splits' partials
+    budget = (n_slots - num_kv).to(tl.int64)
+    share = (budget * blocks_h) // tl.maximum(tl.sum(blocks_h.to(tl.int64), axis=0), 1)
+    act_h = tl.where(h_ok, tl.minimum(1 + share.to(tl.int32),
+                                      tl.maximum(tl.cdiv(blocks_h, MIN_BLOCKS), 1)), 0)
+    end_h = tl.cumsum(act_h, axis=0)                  # this head's slots: [end - act, end)
+    kh = tl.sum((end_h <= prog).to(tl.int32), axis=0)
+    if kh >= num_kv:
         return
+    sel = offs_h == kh
+    active = tl.sum(tl.where(sel, act_h, 0), axis=0)
+    slot0 = tl.sum(tl.where(sel, end_h, 0), axis=0) - active
+    split = prog - slot0
+    n_cand = tl.sum(tl.where(sel, n_cand_h, 0), axis=0)
+    total = n_cand + (b_end - b_start)
+    n_blocks = tl.sum(tl.where(sel, blocks_h, 0), axis=0)
     per_split = tl.cdiv(n_blocks, active)
     blk_lo = split * per_split
     blk_hi = tl.minimum(blk_lo + per_split, n_blocks)
@@ -312,7 +330,7 @@ def _sparse_attention_kernel(
     accs = new_accs
 
     # ---- merge the lanes and publish this split's partial ----
-    slot = kh * num_splits + split
+    slot = prog
     for g in tl.static_range(G):
         m_g = tl.max(ms[g], axis=0)
         w = tl.exp2((ms[g] - tl.where(m_g == float("-inf"), 0.0, m_g)) * C)
@@ -346,7 +364,7 @@ def _sparse_attention_kernel(
         s0 = 0
         while s0 < active:
             sp = s0 + offs_s
-            sl = kh * num_splits + sp
+            sl = slot0 + sp
             msk = (sp < active)[:, None] & g_ok[None, :]                     # [SC, G_P]
             m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
                           other=float("-inf"), cache_modifier=".cg")
@@ -492,7 +510,7 @@ def sparse_attention(
     num_candidates: torch.Tensor | None = None,
     num_splits: int | None = None,
     min_blocks: int = 4,
-    grid_per_sm: int | None = None,
+    grid_per_sm: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholded attention over candidates plus the recent buffer, for one decode step.
 
@@ -533,17 +551,17 @@ def sparse_attention(
             bounds); dropped: output float32 [Hq] = sigmoid(logaddexp(pruned_lse, below_lse)
             - lse), computed in float64, 0 where both terms are -inf; num_candidates: output
             int64 [Hq] = cand_count[h // G] + buffer size. All contiguous, on q's device.
-        num_splits: override of the grid's programs per KV head (default: grid_per_sm
-            programs per SM over all KV heads, at most one per min_blocks blocks of the
-            largest possible list).
-        min_blocks: at most one taking part program per min_blocks blocks: the kernel uses
-            min(num_splits, ceil(blocks / min_blocks)) programs of the grid for the actual
-            list length (read on the device) and the others exit at once.
-        grid_per_sm: see num_splits; default 4 in sparse mode, 2 in dense mode. Measured on
-            an H200 (decode step, 4k-128k keys): in sparse mode 4 programs per SM with at
-            least 4 blocks each were the fastest of {1, 2, 4} x {2, 4} (32/8/128 at 128k: 187
-            -> 158 us per step against 2 and 2); in dense mode 4 per SM was slower than 2
-            (32/8/128 at 128k: 291 against 251 us).
+        num_splits: override of the grid size, in programs per KV head: the grid has
+            Hkv * num_splits programs, shared by the KV heads in proportion to their blocks
+            (default: grid_per_sm programs per SM, at most one per min_blocks blocks of the
+            largest possible list per KV head).
+        min_blocks: at most one taking part program per min_blocks blocks of a KV head's
+            actual list (read on the device); programs left over exit at once.
+        grid_per_sm: see num_splits. The kernel needs ~255 registers per thread (two
+            programs per SM), and 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8}
+            on an H200 (synthetic, every candidate attended, 128k keys, 3-30 % candidates:
+            e.g. 32/8/128 at 10 %: 52 against 71 us for 4 per SM; before the heads shared
+            the grid, 4 per SM had been faster on real, skewed queries).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -638,8 +656,6 @@ def sparse_attention(
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    if grid_per_sm is None:
-        grid_per_sm = 4 if cand_pos is not None else 2
     for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -691,7 +707,7 @@ def sparse_attention(
 
     pos_arg = cand_pos if sparse else tau
     cnt_arg = cand_count if sparse else tau
-    _sparse_attention_kernel[(hkv, num_splits)](
+    _sparse_attention_kernel[(hkv * num_splits,)](
         q, keys, values, tau,
         pos_arg, cnt_arg,
         de_t if de_t is not None else tau,
@@ -703,13 +719,14 @@ def sparse_attention(
         num_candidates if cert else tau,
         float(scale),
         de, bs, be,
-        cap, max_c, num_splits,
+        cap, max_c, hkv,
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         cand_pos.stride(0) if cand_pos is not None else 0,
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
         G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert, MIN_BLOCKS=min_blocks,
+        HKV_P=next_pow2(hkv),
         num_warps=num_warps, num_stages=1,
     )
     return out, lse, num_attended

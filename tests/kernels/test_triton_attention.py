@@ -242,10 +242,11 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     _check_below(below, want, seed)
 
 
-@pytest.mark.parametrize("num_splits", [1, 4])
-def test_unbalanced_heads(num_splits: int) -> None:
+@pytest.mark.parametrize("num_splits,min_blocks", [(1, 4), (4, 4), (4, 1)])
+def test_unbalanced_heads(num_splits: int, min_blocks: int) -> None:
     """KV heads with very different candidate counts (one heavy, one empty, two light) and the
-    buffer: every head against the reference."""
+    buffer: every head against the reference (the heads share the grid in proportion to their
+    blocks: with min_blocks 1 the heavy head gets most of it, the empty one a single split)."""
     gen, seed = _gen()
     hkv, g = 4, 2
     n_idx = 300 if not CUDA else 30000
@@ -254,7 +255,7 @@ def test_unbalanced_heads(num_splits: int) -> None:
     below = _poisoned_below(hkv * g)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           num_splits=num_splits, below_lse=below)
+                           num_splits=num_splits, min_blocks=min_blocks, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
     _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
 
