@@ -169,11 +169,14 @@ class Engine:
         metrics: where work is counted.
         inline_max_keys: calls over at most this many keys run on the event loop.
         compute_threads: worker threads for heavy work.
+        dense_fallback: Relative steps on the Triton backend also run the layer's dense step
+            where that measures faster (Settings.dense_fallback).
     """
 
     def __init__(self, store: SessionStore, metrics: Metrics, inline_max_keys: int,
-                 compute_threads: int = 2) -> None:
+                 compute_threads: int = 2, dense_fallback: bool = False) -> None:
         self.store = store
+        self.dense_fallback = dense_fallback
         self.metrics = metrics
         self.inline_max_keys = inline_max_keys
         self._executor = ThreadPoolExecutor(max_workers=compute_threads,
@@ -335,8 +338,7 @@ class Engine:
                 results[i] = result
         return [r for r in results if r is not None]
 
-    @staticmethod
-    def _attend_batch(jobs: Sequence[AttendJob]) -> list[AttendResult]:
+    def _attend_batch(self, jobs: Sequence[AttendJob]) -> list[AttendResult]:
         """Run one batch (independent items of one group_key). The seam for a batched launch."""
         results = []
         for job in jobs:
@@ -351,7 +353,8 @@ class Engine:
                 raise FailedPrecondition(f"{job.field}: layer {job.layer} holds no keys")
             # q's values were checked while decoding the request (finite, magnitude): the step
             # skips the index's second check and its host synchronization
-            out = layer.attend(job.q.to(session.device), job.policy or session.policy)
+            out = layer.attend(job.q.to(session.device), job.policy or session.policy,
+                               fallback=self.dense_fallback)
             results.append(AttendResult.from_output(out, layer.length))
         return results
 

@@ -238,7 +238,7 @@ class LouverServer:
                                   settings.max_sessions, settings.session_ttl_s, self.metrics)
         self.metrics.bind_store(self.store)
         self.engine = Engine(self.store, self.metrics, settings.inline_max_keys,
-                             settings.compute_threads)
+                             settings.compute_threads, settings.dense_fallback)
         self.servicer = LouverServicer(settings, self.store, self.engine, self.metrics)
         self.health = health.aio.HealthServicer()
         limit = settings.max_message_bytes

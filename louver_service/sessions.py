@@ -140,15 +140,16 @@ class LayerState:
         held = self.index.index_bytes if self.index is not None else 0
         return held + sum(step.scratch_bytes for step in self._steps.values())
 
-    def attend(self, q: torch.Tensor, policy: Policy) -> AttendOutput:
+    def attend(self, q: torch.Tensor, policy: Policy, fallback: bool = False) -> AttendOutput:
         """The decode step for q [Hq, D] on the index's device (q already validated).
 
         A Triton index runs Relative, Dense and Fixed steps through a CapturedStep kept per
         (policy, Hq, q dtype; one for every Fixed threshold, set per call): on a GPU one graph
         replay instead of three kernel launches and their host-side checks. The step
         re-captures itself when the index grows; at most MAX_CAPTURED_STEPS are kept per layer
-        (least recently used dropped). Other policies and the torch backend take the index's
-        own attend.
+        (least recently used dropped). ``fallback``: a Relative step also runs the layer's
+        dense step where that measures faster (CapturedStep's dense fallback). Other policies
+        and the torch backend take the index's own attend.
         """
         index = self.index
         if index is None:
@@ -160,7 +161,8 @@ class LayerState:
         if step is None:
             from louver_kernels.triton.decode import CapturedStep
 
-            step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype)
+            step = CapturedStep(index, policy, q.shape[0], q_dtype=q.dtype,
+                                fallback=fallback and isinstance(policy, Relative))
         self._steps[key] = step
         while len(self._steps) > MAX_CAPTURED_STEPS:
             self._steps.popitem(last=False)

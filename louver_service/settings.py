@@ -100,6 +100,11 @@ class Settings(BaseSettings):
                     "for testing; needs index_kind quant, and sessions that ask for another "
                     "kind run on torch), torch (plain torch) or auto (torch until the kernels "
                     "beat dense attention)")
+    dense_fallback: bool = Field(
+        default=True,
+        description="triton backend, relative policies: also capture each layer's dense step "
+                    "and run whichever of the two measures faster (timed on 2 calls of every "
+                    "64); the dense step attends every key, a superset of the policy's keys")
     default_policy: str = Field(default="relative:1e-4",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "

@@ -25,6 +25,9 @@ counters) in a CUDA graph; a replay is one copy of q into the graph's input plus
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -392,6 +395,76 @@ def attend(index: LouverIndex, q: torch.Tensor, policy: Policy) -> AttendOutput:
                         num_attended=num_att, dropped_mass_bound=dropped, q_error=bad)
 
 
+class _Faster:
+    """Which of two step variants to run (0: the policy's sparse step, 1: the Dense step of the
+    same index), from their measured times.
+
+    Calls 0 and 1 of every ``probe_every`` run variant 0 and variant 1, timed; the other calls
+    run the variant with the smaller estimate (variant 0 until both have one). An estimate is
+    an exponential moving average (weight ``alpha`` for a new sample), so the choice follows
+    the index as it grows and the candidate fraction as it drifts. Samples are callables that
+    return the elapsed seconds, or None while the device has not finished (they are read at
+    later calls, never waited for)."""
+
+    def __init__(self, probe_every: int, alpha: float = 0.5) -> None:
+        if probe_every < 3:
+            raise ValueError(f"probe_every must be >= 3, got {probe_every}")
+        self.probe_every = probe_every
+        self.alpha = alpha
+        self.estimate: list[float | None] = [None, None]
+        self._calls = 0
+        self._pending: deque[tuple[int, Callable[[], float | None]]] = deque()
+
+    def pick(self) -> tuple[int, bool]:
+        """(the variant to run, whether to time it)."""
+        self._collect()
+        phase = self._calls % self.probe_every
+        self._calls += 1
+        if phase < 2:
+            return phase, True
+        e0, e1 = self.estimate
+        return (1 if e0 is not None and e1 is not None and e1 < e0 else 0), False
+
+    def add(self, variant: int, sample: Callable[[], float | None]) -> None:
+        self._pending.append((variant, sample))
+
+    def _collect(self) -> None:
+        while self._pending:
+            variant, sample = self._pending[0]
+            t = sample()
+            if t is None:
+                return
+            self._pending.popleft()
+            old = self.estimate[variant]
+            self.estimate[variant] = t if old is None else old + self.alpha * (t - old)
+
+
+def _clock(device: torch.device) -> Callable[[], Callable[[], float | None]]:
+    """Start a timer of the work issued from now on: returns stop(), which returns the sample
+    (CUDA events on the current stream on a GPU, read once complete; elsewhere the step runs
+    synchronously and the host clock measures it)."""
+    if device.type == "cuda":
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+
+        def stop_cuda() -> Callable[[], float | None]:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: start.elapsed_time(end) * 1e-3 if end.query() else None
+
+        return stop_cuda
+    t0 = time.perf_counter()
+
+    def stop_host() -> Callable[[], float | None]:
+        t = time.perf_counter() - t0
+        return lambda: t
+
+    return stop_host
+
+
+FALLBACK_PROBE_EVERY = 64   # calls per timing round of a step with the dense fallback
+
+
 class CapturedStep:
     """The decode step of one index under one policy, recorded once in a CUDA graph.
 
@@ -427,16 +500,26 @@ class CapturedStep:
         stages, tuning: profiling only: record the first ``stages`` launches (0-3) of the
             step (outputs of the launches left out are stale); launch overrides per kernel
             ({"filter": {"num_splits": ...}, "attention": {...}}).
+        fallback: Relative policies only: also capture the Dense step of the index and run
+            whichever of the two measured faster. Two calls of every FALLBACK_PROBE_EVERY
+            are timed (one per variant; CUDA events, read at later calls without waiting);
+            the others run the faster (see _Faster). The dense step attends every key, a
+            superset of the policy's attended set (zero false negatives, dropped_mass_bound
+            0, num_candidates = every key); it wins where the filter costs more than it
+            saves: short contexts, high candidate fractions. ``last_dense`` tells which ran.
     """
 
     def __init__(self, index: LouverIndex, policy: Policy, num_q_heads: int,
                  q_dtype: torch.dtype | None = None, graph: bool | None = None,
-                 stages: int = 3, tuning: dict[str, dict[str, int]] | None = None) -> None:
+                 stages: int = 3, tuning: dict[str, dict[str, int]] | None = None,
+                 fallback: bool = False) -> None:
         if not index.uses_triton:
             raise ValueError("CapturedStep needs an index with backend='triton' (QUANT)")
         if num_q_heads < 1 or num_q_heads % index.num_kv_heads:
             raise ValueError(f"num_q_heads={num_q_heads} must be a positive multiple of "
                              f"Hkv={index.num_kv_heads}")
+        if fallback and not isinstance(policy, Relative):
+            raise ValueError(f"the dense fallback is for Relative policies, got {policy!r}")
         self.index = index
         self.policy = policy
         self.mode = _policy_mode(policy)
@@ -463,6 +546,9 @@ class CapturedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self._cap = -1
         self._sc: _Scratch | None = None
+        self._faster = _Faster(FALLBACK_PROBE_EVERY) if fallback else None
+        self._dense: CapturedStep | None = None
+        self.last_dense = False
         self._capture()
 
     @property
@@ -474,7 +560,8 @@ class CapturedStep:
         sc = self._sc
         held = () if sc is None else (sc.slack, sc.cand_pos, sc.cand_count, sc.pruned_lse,
                                       sc.below_lse, sc.slack_const)
-        return sum(t.numel() * t.element_size() for t in (*own, *held))
+        dense = 0 if self._dense is None else self._dense.scratch_bytes
+        return sum(t.numel() * t.element_size() for t in (*own, *held)) + dense
 
     @property
     def stale(self) -> bool:
@@ -518,8 +605,6 @@ class CapturedStep:
         A step built for a Fixed policy takes another Fixed policy per call: its thresholds
         replace the previous ones in the graph's input (one more small copy), for this call
         and the later ones; one graph serves every threshold."""
-        from louver_kernels.index import AttendOutput
-
         if tuple(q.shape) != tuple(self.q.shape) or q.dtype != self.q.dtype:
             raise ValueError(f"q must be {self.q.dtype} {list(self.q.shape)}, got {q.dtype} "
                              f"{list(q.shape)}")
@@ -530,6 +615,28 @@ class CapturedStep:
             # checks the count (Fixed checked the values); the graph reads tau_in at replay
             self.tau_in.copy_(policy.taus(self.hq))
             self.policy = policy
+        if self._faster is None:
+            return self._replay(q)
+        variant, timed = self._faster.pick()
+        if variant == 1 and self._dense is None:
+            self._dense = CapturedStep(self.index, Dense(), self.hq, q_dtype=self.q_dtype,
+                                       graph=self.use_graph, stages=self.stages,
+                                       tuning=self.tuning)
+        step = self if variant == 0 else self._dense
+        assert step is not None
+        self.last_dense = variant == 1
+        if not timed:
+            return step._replay(q)
+        if step.stale:
+            step._capture()                  # not part of the step's time
+        stop = _clock(self.index.device)
+        out = step._replay(q)
+        self._faster.add(variant, stop())
+        return out
+
+    def _replay(self, q: torch.Tensor) -> AttendOutput:
+        from louver_kernels.index import AttendOutput
+
         if self.stale:
             self._capture()
         self.q.copy_(q)

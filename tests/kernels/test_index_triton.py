@@ -219,6 +219,60 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
         steps[Fixed(0.0)](q, Fixed([0.0, 1.0]))
 
 
+def test_faster_times_both_variants_then_runs_the_faster() -> None:
+    """_Faster: calls 0 and 1 of every round run (and time) each variant, the others the one
+    with the smaller moving average; samples not ready yet are read at later calls."""
+    f = decode._Faster(probe_every=5, alpha=0.5)
+    assert f.pick() == (0, True)
+    f.add(0, lambda: 2.0)
+    assert f.pick() == (1, True)
+    ready = [False]
+    f.add(1, lambda: 1.0 if ready[0] else None)
+    assert f.pick() == (0, False)           # the dense sample is still pending
+    ready[0] = True
+    assert [f.pick() for _ in range(2)] == [(1, False)] * 2
+    assert f.estimate == [2.0, 1.0]
+    assert f.pick() == (0, True)            # the next round
+    f.add(0, lambda: 0.5)
+    assert f.pick() == (1, True)
+    f.add(1, lambda: 1.5)
+    assert f.pick() == (0, False)           # averages 1.25 against 1.25: ties go sparse
+    assert f.estimate == [1.25, 1.25]
+    with pytest.raises(ValueError):
+        decode._Faster(probe_every=2)
+
+
+def test_captured_step_dense_fallback() -> None:
+    """A Relative step with the dense fallback runs its own step or the index's Dense step:
+    each call's output is the one of the variant it reports (last_dense), and whichever runs,
+    no key at or above tau is missed; other policies refuse the fallback."""
+    gen = torch.Generator().manual_seed(12)
+    hkv, g, d, dtype = 1, 3, 64, torch.float16
+    t_idx, g_idx = build_pair("clustered", hkv, 200, d, dtype, gen, buffer_size=32,
+                              quant_bits=6, quant_coarse_bits=4, probe_recent=16)
+    step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA, fallback=True)
+    assert step._faster is not None
+    ran = []
+    for t in range(6):
+        if t in (2, 4):             # pretend the dense step measured faster, then slower
+            step._faster._pending.clear()
+            step._faster.estimate = [2.0, 1.0] if t == 2 else [1.0, 2.0]
+        append_same((t_idx, g_idx), "clustered", 3, gen)
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        got = step(q.to(DEVICE))
+        policy = Dense() if step.last_dense else Relative(1e-3)
+        check_step(t_idx, q, s, t_idx.attend(q, policy), got, policy, f"call {t}")
+        ran.append(step.last_dense)
+    # calls 0 and 1 time both variants; then the (pretended) faster one runs
+    assert ran == [False, True, True, True, False, False]
+    assert step.scratch_bytes > decode.CapturedStep(g_idx, Relative(1e-3), hkv * g,
+                                                    graph=CUDA).scratch_bytes
+    for policy in (Dense(), Fixed(0.0)):
+        with pytest.raises(ValueError, match="fallback"):
+            decode.CapturedStep(g_idx, policy, hkv * g, graph=CUDA, fallback=True)
+
+
 def test_probe_split_over_programs_matches_torch_backend() -> None:
     """A probe longer than one chunk of the prologue (sinks + 150 recent keys: three programs
     per KV head, merged by the last arrival), over several steps: tau and the whole step agree

@@ -38,7 +38,8 @@ PREFILL, NEW = 250, 4   # the third step passes the index's capacity of 256 keys
 
 def test_captured_steps_answer_like_the_torch_backend(
         make_server: Callable[..., ServerThread]) -> None:
-    servers = {"triton": make_server(index_backend="triton", device=DEVICE),
+    servers = {"triton": make_server(index_backend="triton", dense_fallback=False,
+                                     device=DEVICE),
                "torch": make_server(device=DEVICE)}
     index = pb.IndexParams(buffer_size=32)
     data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
@@ -83,6 +84,33 @@ def test_captured_steps_answer_like_the_torch_backend(
         assert index0 is not None and not any(s.stale for s in steps)
         caps.append(index0._cap)
     assert caps[0] < caps[-1]     # the storage grew and the steps were re-captured for it
+
+
+def test_dense_fallback_runs_either_step(make_server: Callable[..., ServerThread]) -> None:
+    """With the dense fallback (the default), a Relative item runs the layer's sparse step or
+    its dense step (the second call of every timing round is the dense one): each answer is
+    the one of the step that ran, every key attended in the dense case."""
+    srv = make_server(index_backend="triton", device=DEVICE)
+    assert srv.server.settings.dense_fallback
+    sid = create(srv.stub, index=pb.IndexParams(buffer_size=32))
+    data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
+    srv.stub.Append(iter(prefill_requests(sid, data)))
+    keys, values = data[0]
+    q = query() * 6
+    ran = []
+    for _ in range(3):
+        got = srv.stub.Attend(pb.AttendRequest(items=[item(sid, 0, q, policy=RELATIVE)]))
+        step = next(iter(srv.server.store.get(sid).layers[0]._steps.values()))
+        attended = torch.tensor(list(got.results[0].stats.num_attended))
+        if step.last_dense:
+            assert bool((attended == keys.shape[1]).all())
+            torch.testing.assert_close(output(got.results[0]),
+                                       dense_reference(q, keys, values)[0], atol=1e-3,
+                                       rtol=1e-3)
+        else:
+            assert int(attended.max()) < keys.shape[1] // 2
+        ran.append(step.last_dense)
+    assert ran[:2] == [False, True]
 
 
 def test_backend_resolution_per_session() -> None:
