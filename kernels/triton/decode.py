@@ -20,6 +20,8 @@ Launches (eager, ``attend``): three, and no host synchronization on the step its
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
 counters) in a CUDA graph; a replay is one copy of q into the graph's input plus the replay.
+With ``fallback`` (Relative policies) it also records the index's Dense step, times both now
+and then, and replays the faster: the automatic dense fallback.
 """
 
 from __future__ import annotations
