@@ -280,14 +280,15 @@ class Bench:
 
 
 def passkey_task(bench: Bench, rows: list[Row], lengths: list[int], depths: list[float],
-                 seeds: int, tokens: int) -> list[dict[str, Any]]:
+                 seeds: int, tokens: int, trim: bool = False) -> list[dict[str, Any]]:
     out = []
     for length in lengths:
         for depth in depths:
             for seed in range(seeds):
                 rng = random.Random(1000 * length + int(depth * 100) + seed)
                 key = rng.randrange(10000, 100000)
-                ids = passkey_prompt(bench.tok, length, key, skip=20 + 7 * seed, where=depth)
+                ids = passkey_prompt(bench.tok, length, key, skip=20 + 7 * seed, where=depth,
+                                     trim=trim)
 
                 def work(h: Any, ids: torch.Tensor = ids, key: int = key
                          ) -> tuple[float, dict[str, Any]]:
@@ -514,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--depths", default="0.25,0.75", help="passkey depths")
     ap.add_argument("--seeds", type=int, default=2, help="passkey seeds per length and depth")
     ap.add_argument("--passkey-tokens", type=int, default=7)
+    ap.add_argument("--trim", action="store_true",
+                    help="passkey prompts within ~20 %% of --lengths (default: whole modules of "
+                         "text, which can overshoot by more than half)")
     ap.add_argument("--gen-tokens", type=int, default=32, help="agreement: generated tokens")
     ap.add_argument("--prompt-skip", type=int, default=0,
                     help="agreement: start the prompts' text this many modules later (other "
@@ -559,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if "passkey" in tasks:
         runs += passkey_task(bench, rows, lengths, [float(x) for x in args.depths.split(",")],
-                             args.seeds, args.passkey_tokens)
+                             args.seeds, args.passkey_tokens, args.trim)
         write(summarize(rows, runs), complete=False)
     if "agreement" in tasks:
         runs += agreement_task(bench, rows, lengths, args.gen_tokens, args.prompt_skip)

@@ -90,12 +90,15 @@ def stdlib_text(min_chars: int, skip: int = 0) -> str:
 
 def long_prompt(tokenizer: Any, min_tokens: int, question: str, *, skip: int = 0,
                 needle: str | None = None, where: float = 0.5, preamble: str = "",
-                answer_prefix: str = "") -> Any:
+                answer_prefix: str = "", trim: bool = False) -> Any:
     """A chat prompt of at least ``min_tokens`` tokens over real text (:func:`stdlib_text`).
 
     The user turn is ``preamble``, the docstrings (with ``needle`` inserted at a line break
     near fraction ``where`` of the text, if given) and ``question``; the assistant turn starts
-    with ``answer_prefix``. Deterministic for a given Python version and tokenizer.
+    with ``answer_prefix``. Deterministic for a given Python version and tokenizer. The text
+    is made of whole modules, which can overshoot min_tokens by more than half; ``trim`` cuts
+    it at a line break to the character budget, so the prompt stays within ~20 % of
+    min_tokens.
 
     Returns:
         input_ids, int64 [1, L] with L >= min_tokens.
@@ -103,6 +106,8 @@ def long_prompt(tokenizer: Any, min_tokens: int, question: str, *, skip: int = 0
     chars = max(2000, int(min_tokens * 3.2))
     while True:
         text = stdlib_text(chars, skip=skip)
+        if trim:
+            text = text[:max(text.rfind("\n", 0, chars), 1)]
         if needle is not None:
             cut = max(0, text.rfind("\n", 0, int(len(text) * where)))
             text = f"{text[:cut]}\n\n{needle}\n\n{text[cut:]}"
@@ -116,7 +121,7 @@ def long_prompt(tokenizer: Any, min_tokens: int, question: str, *, skip: int = 0
 
 
 def passkey_prompt(tokenizer: Any, min_tokens: int, passkey: int, *, skip: int = 20,
-                   where: float = 0.7) -> Any:
+                   where: float = 0.7, trim: bool = False) -> Any:
     """A passkey-retrieval prompt (:func:`long_prompt`): "The pass key is N" hidden at ``where``
     in the docstrings, "What is the pass key?" at the end, the answer started with "The pass key
     is". Returns input_ids int64 [1, L]."""
@@ -125,4 +130,4 @@ def passkey_prompt(tokenizer: Any, min_tokens: int, passkey: int, *, skip: int =
         needle=f"The pass key is {passkey}. Remember it. {passkey} is the pass key.",
         preamble="There is an important piece of information hidden inside a lot of irrelevant "
                  "text. Find it and memorize it. I will quiz you about it.\n\n",
-        answer_prefix="The pass key is")
+        answer_prefix="The pass key is", trim=trim)
