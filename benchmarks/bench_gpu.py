@@ -108,7 +108,8 @@ def stage_times(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[s
 
 
 def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[str, float]:
-    """Step time against the programs per KV head of the filter and of the attention."""
+    """Step time against num_splits of the filter (programs per KV head) and of the
+    attention (its grid has Hkv * num_splits programs, shared by the heads)."""
     out = {}
     for n in (16, 32, 64, 128, 256):
         out[f"filter_splits{n}"] = _replay_us(index, policy, q, 2, {"filter": {"num_splits": n}})
@@ -243,7 +244,9 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
             graph[f"{eps:g}"].append(triton.testing.do_bench(
                 lambda q=q, step=step: step(q), warmup=10, rep=40, return_mode="median"))
             step = autos[f"{eps:g}"]
-            for _ in range(3):                     # a timing round, then the faster step
+            # first query: a timing round (both steps), then the faster one; later queries
+            # continue the step's call count
+            for _ in range(3):
                 replay = step(q)
                 _sync(dev)
                 false_neg += _missed(s, out.tau, index.num_indexed, replay.num_attended)

@@ -170,7 +170,8 @@ class Engine:
         inline_max_keys: calls over at most this many keys run on the event loop.
         compute_threads: worker threads for heavy work.
         dense_fallback: Relative steps on the Triton backend also run the layer's dense step
-            where that measures faster (Settings.dense_fallback).
+            where that measures faster (off unless given; the server passes
+            Settings.dense_fallback, on by default).
     """
 
     def __init__(self, store: SessionStore, metrics: Metrics, inline_max_keys: int,

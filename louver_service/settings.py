@@ -104,7 +104,8 @@ class Settings(BaseSettings):
         default=True,
         description="triton backend, relative policies: also capture each layer's dense step "
                     "and run whichever of the two measures faster (timed on 2 calls of every "
-                    "64); the dense step attends every key, a superset of the policy's keys")
+                    "64); the dense step attends every key, a superset of the policy's keys "
+                    "(its answers report every key attended and tau -inf)")
     default_policy: str = Field(default="relative:1e-4",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "

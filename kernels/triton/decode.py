@@ -443,15 +443,16 @@ class _Faster:
 
 def _clock(device: torch.device) -> Callable[[], Callable[[], float | None]]:
     """Start a timer of the work issued from now on: returns stop(), which returns the sample
-    (CUDA events on the current stream on a GPU, read once complete; elsewhere the step runs
-    synchronously and the host clock measures it)."""
+    (CUDA events on ``device``'s current stream, where the step runs, read once complete;
+    elsewhere the step runs synchronously and the host clock measures it)."""
     if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
         start = torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
 
         def stop_cuda() -> Callable[[], float | None]:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(stream)
             return lambda: start.elapsed_time(end) * 1e-3 if end.query() else None
 
         return stop_cuda
@@ -484,12 +485,13 @@ class CapturedStep:
     about log2(N / 256) times over a sequence). Changing the policy needs another
     CapturedStep, except for Fixed thresholds (a Fixed step takes new ones per call).
 
-    Contracts: the outputs returned by a call are views of this object's static buffers and
-    are overwritten by the next call; q must have the shape and dtype given at construction;
-    one replay at a time per object (its kernels share per-stream arrival counters that were
-    allocated for its capture stream). q's values are not checked on the host: ``q_error`` of
-    the output (int32 [Hkv], nonzero where a query head holds NaN, Inf or an entry above
-    MAX_QUERY_ABS) can be checked lazily (``AttendOutput.raise_if_invalid``).
+    Contracts: the outputs returned by a call are views of static buffers (this object's, or
+    its dense step's with ``fallback``) and may be overwritten by the next call; q must have
+    the shape and dtype given at construction; one replay at a time per object (its kernels
+    share per-stream arrival counters that were allocated for its capture stream). q's values
+    are not checked on the host: ``q_error`` of the output (int32 [Hkv], nonzero where a query
+    head holds NaN, Inf or an entry above MAX_QUERY_ABS) can be checked lazily
+    (``AttendOutput.raise_if_invalid``).
 
     Args:
         index: a LouverIndex with ``uses_triton``.
@@ -507,8 +509,9 @@ class CapturedStep:
             are timed (one per variant; CUDA events, read at later calls without waiting);
             the others run the faster (see _Faster). The dense step attends every key, a
             superset of the policy's attended set (zero false negatives, dropped_mass_bound
-            0, num_candidates = every key); it wins where the filter costs more than it
-            saves: short contexts, high candidate fractions. ``last_dense`` tells which ran.
+            0, num_candidates = num_attended = every key, tau = -inf); it wins where the
+            filter costs more than it saves: short contexts, high candidate fractions.
+            ``last_dense`` tells which ran.
     """
 
     def __init__(self, index: LouverIndex, policy: Policy, num_q_heads: int,

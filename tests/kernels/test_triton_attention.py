@@ -242,22 +242,30 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     _check_below(below, want, seed)
 
 
-@pytest.mark.parametrize("num_splits,min_blocks", [(1, 4), (4, 4), (4, 1)])
-def test_unbalanced_heads(num_splits: int, min_blocks: int) -> None:
-    """KV heads with very different candidate counts (one heavy, one empty, two light) and the
-    buffer: every head against the reference (the heads share the grid in proportion to their
-    blocks: with min_blocks 1 the heavy head gets most of it, the empty one a single split)."""
+@pytest.mark.parametrize("hkv,num_splits,min_blocks", [(4, 1, 4), (4, 4, 4), (4, 4, 1),
+                                                       (3, 4, 1)])
+def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int) -> None:
+    """KV heads with very different candidate counts (one heavy, one empty, one or two light)
+    and the buffer: every head against the reference (the heads share the grid in proportion
+    to their blocks: with min_blocks 1 the heavy head gets most of it, the empty one a single
+    split; three heads leave a padded lane in the kernel's per-head vectors). The same grid in
+    dense mode, where every head has the same list."""
     gen, seed = _gen()
-    hkv, g = 4, 2
+    g = 2
     n_idx = 300 if not CUDA else 30000
+    counts = [3, n_idx, 0, n_idx // 10][:hkv]
     q, keys, values, cand_pos, cand_count, cand, tau, bs, be = _sparse_inputs(
-        gen, hkv, g, n_idx, 5, [3, n_idx, 0, n_idx // 10])
+        gen, hkv, g, n_idx, 5, counts)
     below = _poisoned_below(hkv * g)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            num_splits=num_splits, min_blocks=min_blocks, below_lse=below)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
     _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=n_idx // 2,
+                           buffer_start=bs, buffer_end=be, num_splits=num_splits,
+                           min_blocks=min_blocks)
+    _check(got, _reference(q, keys, values, tau, 0.125, None, n_idx // 2, bs, be), seed)
 
 
 def test_merge_over_split_chunks() -> None:
