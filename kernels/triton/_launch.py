@@ -6,11 +6,13 @@ Host code only; the device-side helpers shared by the kernels are in _device.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 
-__all__ = ["FLOAT_DTYPES", "CounterPool", "check_code_layout", "check_device_scalar",
-           "check_int", "interpreted", "next_pow2", "num_sms"]
+__all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_code_layout",
+           "check_device_scalar", "check_int", "interpreted", "next_pow2", "num_sms"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -64,6 +66,25 @@ class CounterPool:
             buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
             self._bufs[key] = buf
         return buf
+
+
+def capture_graph(device: torch.device, body: Callable[[], None], warmups: int
+                  ) -> torch.cuda.CUDAGraph:
+    """body() recorded in a CUDA graph on a side stream of ``device``, after ``warmups`` eager
+    calls on that stream (they compile the kernels and create the launchers' per-stream state,
+    e.g. CounterPool buffers, which must outlive the graph). The capture is thread_local: CUDA
+    work that other threads issue meanwhile (a server serves other sessions from several
+    threads) neither fails nor invalidates it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            body()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+        body()
+    return graph
 
 
 def num_sms(device: torch.device) -> int:

@@ -9,7 +9,8 @@ same per-group candidate counts, and a certificate from the same terms.
 
 Launches (eager, ``attend``): three, and no host synchronization on the step itself:
 
-1. ``_prologue_kernel`` (programs per KV head and chunk of probe keys): ||q_h|| and the slack
+1. ``_prologue_kernel`` (programs per KV head and chunk of probe keys, plus one per KV head
+   for the slack and the check): ||q_h|| and the slack
    (from the index's running maxima, see ``slack_coef``), the on-device check
    of q (finite, within MAX_QUERY_ABS), the probe scores (sinks, buffer and recent keys) and
    tau for the policy.
@@ -39,7 +40,7 @@ import triton.language as tl
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
 from louver_kernels.triton._device import load_scalar
-from louver_kernels.triton._launch import CounterPool, next_pow2
+from louver_kernels.triton._launch import CounterPool, capture_graph, next_pow2
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.quant_filter import quant_filter
 
@@ -124,30 +125,33 @@ def _prologue_kernel(
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
-    """Program (kh, c) of grid (Hkv, S), for the query heads h = kh * G + g of KV head kh:
+    """Program (kh, c) of grid (Hkv, S + 1) (Relative) or (Hkv, 1), for the query heads
+    h = kh * G + g of KV head kh:
 
-    slack[h] = fl32(||q_h||_float64 * coef_kh)    (program c == 0), coef_kh = slack_coef's
-               float64 expression of kmax/emax/lmax[kh] with the constants in const (float64
-               [3], slack_constants)
+    slack[h] = fl32(||q_h||_float64 * coef_kh)    (the last program, c == S), coef_kh =
+               slack_coef's float64 expression of kmax/emax/lmax[kh] with the constants in
+               const (float64 [3], slack_constants)
     bad[kh]  = 1 if any entry of the G heads of kh is NaN, +-Inf or above max_abs in magnitude
-               (program c == 0)
+               (the last program)
     tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
                largest float32 score over positions [0, min(SINKS, total)) and
                [max(head, min(total - RECENT, n)), total) (probe_max's construction).
 
-    Relative: program c scores the probe keys of chunks c, c + S, ... (BLOCK keys each; one
+    Relative: program c < S scores the probe keys of chunks c, c + S, ... (BLOCK keys each; one
     read of a key serves the G heads), writes its maxima to a workspace and takes a ticket on
     a per-KV-head arrival counter; the last arrival merges the S partials, writes tau and
-    leaves the counter at zero (CounterPool's contract). S = 1 writes tau directly.
+    leaves the counter at zero (CounterPool's contract). S = 1 writes tau directly. The slack
+    and the check run in a program of their own, beside the probe (the kernel is a chain of
+    dependent latencies, not throughput: one program doing both took longer).
     """
     kh = tl.program_id(0)
     c = tl.program_id(1)
-    num_c = tl.num_programs(1)
+    num_c = tl.num_programs(1) - 1 if MODE == 2 else 0    # S, the probe programs
     offs_d = tl.arange(0, D)
     offs_g = tl.arange(0, G_P)
     g_ok = offs_g < G
     heads = kh * G + offs_g
-    if c == 0:
+    if c == num_c:
         km = tl.load(kmax_ptr + kh).to(tl.float64)
         em = tl.load(emax_ptr + kh).to(tl.float64)
         lm = tl.load(lmax_ptr + kh).to(tl.float64)
@@ -167,7 +171,7 @@ def _prologue_kernel(
             tl.store(tau_ptr + heads, tl.full([G_P], float("-inf"), tl.float32), mask=g_ok)
         elif MODE == 1:
             tl.store(tau_ptr + heads, tl.load(tau_in_ptr + heads, mask=g_ok), mask=g_ok)
-    if MODE == 2:
+    elif MODE == 2:
         n = load_scalar(n_ptr, n_value, ON_DEVICE)
         total = load_scalar(total_ptr, total_value, ON_DEVICE)
         total = tl.minimum(tl.maximum(total, 0), cap)
@@ -248,7 +252,7 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     chunks = _chunks(index, mode)
     ws = (torch.empty(hkv * chunks * g_p, dtype=torch.float32, device=q.device) if chunks > 1
           else dummy)
-    _prologue_kernel[(hkv, chunks)](
+    _prologue_kernel[(hkv, chunks + 1)](
         q, keys, index._kmax, index._rmax, index._lmax, slack_const,
         tau_in if tau_in is not None else dummy,
         counts[0] if counts is not None else dummy, counts[1] if counts is not None else dummy,
@@ -263,14 +267,15 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
 
 
 def _chunks(index: LouverIndex, mode: int) -> int:
-    """Prologue programs per KV head: one per chunk of the longest probe (Relative only)."""
+    """Probe programs per KV head: one per chunk of the longest probe (Relative), else 0."""
     cfg = index.config
     probe = cfg.sink_tokens + max(cfg.probe_recent, cfg.buffer_size)
-    return triton.cdiv(probe, _PROBE_BLOCK) if mode == MODE_RELATIVE else 1
+    return triton.cdiv(probe, _PROBE_BLOCK) if mode == MODE_RELATIVE else 0
 
 
 def probe_chunks(index: LouverIndex, policy: Policy) -> int:
-    """Programs per KV head of the prologue for ``policy`` (how the probe is split)."""
+    """Probe programs per KV head of the prologue for ``policy`` (how the probe is split; 0
+    for the policies without a probe). The prologue has one more per KV head."""
     return _chunks(index, _policy_mode(policy))
 
 
@@ -588,21 +593,7 @@ class CapturedStep:
         self.graph = None
         if not self.use_graph:
             return
-        dev = index.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            # compile the kernels and create the launchers' per-stream counters outside the
-            # graph (they must outlive it and start at zero)
-            for _ in range(2):
-                self._body()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: CUDA work that other threads issue meanwhile (a server attends other
-        # sessions from several threads) does not invalidate this capture
-        with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-            self._body()
-        self.graph = graph
+        self.graph = capture_graph(index.device, self._body, warmups=2)
 
     def __call__(self, q: torch.Tensor, policy: Fixed | None = None) -> AttendOutput:
         """One decode step: q [Hq, D] of the construction's dtype, on the index's device.
