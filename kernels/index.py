@@ -138,6 +138,9 @@ class LouverIndex:
         # steps, and the eager step's scratch
         self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_scratch: object | None = None
+        # Triton backend on CUDA: the decode-time flush as a CUDA graph over the current
+        # storage (triton.encode.CapturedFlush), dropped when the storage is reallocated
+        self._flush: object | None = None
         h = num_kv_heads
         if config.kind is IndexKind.BALLS:
             s = config.num_subspaces
@@ -225,6 +228,7 @@ class LouverIndex:
         if needed <= self._cap:
             return
         cap = self._capacity_for(needed, self.config)
+        self._flush = None
 
         def grown(t: torch.Tensor) -> torch.Tensor:
             out = torch.zeros(t.shape[0], cap, *t.shape[2:], dtype=t.dtype, device=t.device)
@@ -315,7 +319,7 @@ class LouverIndex:
             self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
         if self.config.kind is IndexKind.BALLS:
             self._encode_balls(k, start, end)
-        else:
+        elif not self._replay_flush(start, end):
             self._encode_quant(k, start, end)
         self.num_indexed = end
         self.num_flushes += 1
@@ -331,6 +335,23 @@ class LouverIndex:
                 torch.full((1,), self.num_indexed, dtype=torch.int32, device=self.device),
                 torch.full((1,), self.num_keys, dtype=torch.int32, device=self.device))
         return self._counters
+
+    def _replay_flush(self, start: int, end: int) -> bool:
+        """Encode [start, end) as a replay of the index's CapturedFlush (recorded on first use
+        for the current storage) where that applies: the Triton backend on CUDA and a range of
+        at most two segments from the start of num_indexed's segment (a decode-time flush;
+        a build or a long append takes the launch). The same records as _encode_quant."""
+        if not (self.uses_triton and self.device.type == "cuda"):
+            return False
+        from louver_kernels.triton.encode import CapturedFlush
+
+        if not CapturedFlush.covers(start, end, self.config.buffer_size):
+            return False
+        if self._flush is None:
+            self._flush = CapturedFlush(self)
+        assert isinstance(self._flush, CapturedFlush)
+        self._flush(start, end)
+        return True
 
     def _encode_balls(self, k: torch.Tensor, start: int, end: int) -> None:
         hkv, t, d = k.shape

@@ -54,27 +54,38 @@ packed fields). The range is fitted in both (the same exact min / max, so the sa
 sums of squares are tl.reduce's with the TwoSum combine (under the interpreter, whose
 tl.reduce runs the combine once per element, log2 vectorized levels of the same combine). About
 2048 key-channel elements per tile and 8 warps: ptxas (sm_90) reports no spills for D = 64,
-96, 128 and groups 1 .. D. Programs take ``keys_per_program`` keys each, so a flush of one
-256-key segment of 8 KV heads runs 32 programs. Not timed on a GPU yet.
+96, 128 and groups 1 .. D. Programs take ``keys_per_program`` keys each (64 for a build, 16
+for a flush: a flush of one 256-key segment of 8 KV heads runs 128 programs; on an H200 it
+took ~21 us as a graph replay for 32/8/128, ~30 us with 64 keys per program).
+
+A flush at decode time (quant_encode_counted) reads its positions from the index's device
+counters, so LouverIndex records it once per storage allocation in a CUDA graph, together with
+the publication of the new num_indexed, and replays it.
 """
 
 from __future__ import annotations
 
-from typing import no_type_check
+from typing import TYPE_CHECKING, no_type_check
 
 import torch
 import triton
 import triton.language as tl
 
+from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
+    capture_graph,
     check_code_layout,
+    check_device_scalar,
     check_int,
     interpreted,
     next_pow2,
 )
 
-__all__ = ["quant_encode_packed"]
+if TYPE_CHECKING:
+    from louver_kernels.index import LouverIndex
+
+__all__ = ["CapturedFlush", "quant_encode_counted", "quant_encode_packed"]
 
 _VELTKAMP = tl.constexpr(134217729.0)  # 2^27 + 1: splits a float64 into two halves of <= 26 bits
 _RINT_MAGIC = tl.constexpr(8388608.0)  # 2^23: (x + 2^23) - 2^23 = round-half-even(x), 0 <= x < 2^22
@@ -180,16 +191,26 @@ def _store_field(rec, value, live, BK: tl.constexpr, NB: tl.constexpr, NBP: tl.c
 @no_type_check
 def _encode_kernel(
     keys_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, kmax_ptr, lmax_ptr, rmax_ptr,
-    start, end, norm_start, seg_size, chunks,
+    n_idx_ptr, n_keys_ptr,
+    start, end, norm_start, seg_size, chunks, cap,
     stride_kh, stride_kn, stride_ch, stride_cn, stride_eh, stride_en, stride_lh, stride_ls,
     NB: tl.constexpr, NBP: tl.constexpr, NG: tl.constexpr, NGP: tl.constexpr,
     GROUP: tl.constexpr, GP: tl.constexpr, CB: tl.constexpr, FB: tl.constexpr,
-    BK: tl.constexpr, CHUNK: tl.constexpr, TREE: tl.constexpr,
+    BK: tl.constexpr, CHUNK: tl.constexpr, TREE: tl.constexpr, ON_DEVICE: tl.constexpr,
 ):
     LEVELS: tl.constexpr = (1 << (CB + FB)) - 1
     pid = tl.program_id(0)
     kh = tl.program_id(1).to(tl.int64)
+    if ON_DEVICE:
+        # the positions of a captured flush: [num_indexed // B * B, num_keys), the norms from
+        # num_indexed (clamped to the storage: never trust the inputs)
+        end = tl.minimum(tl.maximum(load_scalar(n_keys_ptr, end, ON_DEVICE), 0), cap)
+        norm_start = tl.minimum(tl.maximum(load_scalar(n_idx_ptr, norm_start, ON_DEVICE), 0),
+                                end)
+        start = norm_start // seg_size * seg_size
     seg_start = start + (pid // chunks) * seg_size
+    if seg_start >= end:   # a captured flush's grid covers its longest range
+        return
     seg_end = tl.minimum(seg_start + seg_size, end)
     chunk_start = seg_start + (pid % chunks) * CHUNK
     chunk_end = tl.minimum(chunk_start + CHUNK, seg_end)
@@ -326,11 +347,87 @@ def quant_encode_packed(
         keys_per_program, num_warps: tuning (programs encode keys_per_program keys of one
             segment each, rounded up to a whole tile; each reads its whole segment to fit it).
 
-    One launch, none when start == end; nothing is synchronized with the host.
+    One launch, none when start == end; nothing is synchronized with the host. The arguments
+    are validated (~25 us of host time); see quant_encode_counted for a flush without it.
 
     Raises:
         ValueError: on any shape, dtype, device, layout or range problem of the arguments.
     """
+    start = check_int("start", start, 0, 1 << 40)
+    end = check_int("end", end, start, 1 << 40)
+    norm_start = check_int("norm_start", start if norm_start is None else norm_start,
+                            start, end)
+    seg = check_int("segment_size", segment_size, 1, 1 << 20)
+    if start % seg:
+        raise ValueError(f"start={start} must be a multiple of segment_size={seg}")
+    fields = _check_storage(keys, codes, err, lo, step, kmax, lmax, rmax, bits, coarse, group,
+                            seg, end, keys_per_program, num_warps)
+    if end == start:
+        return
+    _launch(keys, codes, err, lo, step, kmax, lmax, rmax, None, start, end, norm_start,
+            triton.cdiv(end - start, seg), seg, fields, keys_per_program, num_warps)
+
+
+def quant_encode_counted(
+    keys: torch.Tensor,
+    codes: torch.Tensor,
+    err: torch.Tensor,
+    lo: torch.Tensor,
+    step: torch.Tensor,
+    kmax: torch.Tensor,
+    lmax: torch.Tensor,
+    rmax: torch.Tensor,
+    *,
+    num_indexed: torch.Tensor,
+    num_keys: torch.Tensor,
+    max_keys: int,
+    segment_size: int,
+    bits: int,
+    coarse: int,
+    group: int,
+    keys_per_program: int = 16,
+    num_warps: int = 8,
+) -> None:
+    """quant_encode_packed(start=n // B * B, end=m, norm_start=n) with n = num_indexed[0] and
+    m = num_keys[0] read on the device when the kernel runs (B = segment_size): a launch with
+    no host value that changes from one flush to the next, which a CUDA graph records once
+    and replays at every flush (LouverIndex does on CUDA: a replay costs a few us of host
+    time where a validated launch costs ~65 us).
+
+    Args:
+        keys, codes, err, lo, step, kmax, lmax, rmax: as quant_encode_packed, with lo / step
+            holding ceil(cap / B) segments (any range of the storage may be flushed).
+        num_indexed, num_keys: 1-element int32/int64 tensors on keys' device; clamped on the
+            device to 0 <= n <= m <= cap.
+        max_keys: the grid covers ceil(max_keys / B) segments from n // B * B: the caller
+            guarantees m - n // B * B <= max_keys (keys beyond are NOT encoded).
+        segment_size, bits, coarse, group: as quant_encode_packed.
+        keys_per_program, num_warps: tuning, as quant_encode_packed (a flush of one segment
+            has few programs: 16 keys each was the fastest of 16-128 with 2-8 warps on an H200,
+            256-key segments, 9/3/64 and 32/8/128).
+
+    Raises:
+        ValueError: on any shape, dtype, device or layout problem of the arguments.
+    """
+    seg = check_int("segment_size", segment_size, 1, 1 << 20)
+    max_keys = check_int("max_keys", max_keys, 1, 1 << 40)
+    for name, t in (("num_indexed", num_indexed), ("num_keys", num_keys)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_device_scalar(name, t, keys.device)
+    fields = _check_storage(keys, codes, err, lo, step, kmax, lmax, rmax, bits, coarse, group,
+                            seg, keys.shape[1] if keys.dim() == 3 else 0, keys_per_program,
+                            num_warps)
+    _launch(keys, codes, err, lo, step, kmax, lmax, rmax, (num_indexed, num_keys), 0, 0, 0,
+            triton.cdiv(max_keys, seg), seg, fields, keys_per_program, num_warps)
+
+
+def _check_storage(keys: torch.Tensor, codes: torch.Tensor, err: torch.Tensor,
+                   lo: torch.Tensor, step: torch.Tensor, kmax: torch.Tensor, lmax: torch.Tensor,
+                   rmax: torch.Tensor, bits: int, coarse: int, group: int, seg: int, end: int,
+                   keys_per_program: int, num_warps: int) -> tuple[int, int, int]:
+    """Validate the index storage for a flush of positions < end: (group, coarse field width,
+    fine field width)."""
     tensors = (("keys", keys), ("codes", codes), ("err", err), ("lo", lo), ("step", step),
                ("kmax", kmax), ("lmax", lmax), ("rmax", rmax))
     for name, t in tensors:
@@ -344,14 +441,9 @@ def quant_encode_packed(
     hkv, cap, d = keys.shape
     if d < 8 or d % 8:
         raise ValueError(f"head dim D={d} must be a positive multiple of 8")
-    group, cb, fb = check_code_layout(bits, coarse, group, d)
-    seg = check_int("segment_size", segment_size, 1, 1 << 20)
-    start = check_int("start", start, 0, cap)
-    end = check_int("end", end, start, cap)
-    norm_start = check_int("norm_start", start if norm_start is None else norm_start,
-                            start, end)
-    if start % seg:
-        raise ValueError(f"start={start} must be a multiple of segment_size={seg}")
+    fields = check_code_layout(bits, coarse, group, d)
+    group = fields[0]
+    check_int("end", end, 0, cap)
     for name, t, dtype, shape in (("codes", codes, torch.uint8, (hkv, cap, d * bits // 8)),
                                   ("err", err, torch.float16, (hkv, cap, d // group))):
         if t.dtype != dtype or tuple(t.shape) != shape or t.stride(-1) != 1:
@@ -369,22 +461,82 @@ def quant_encode_packed(
         if t.dtype != torch.float32 or tuple(t.shape) != (hkv,) or not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous float32 [{hkv}], got {t.dtype} "
                              f"{list(t.shape)}")
-    keys_per_program = check_int("keys_per_program", keys_per_program, 1, 1 << 20)
+    check_int("keys_per_program", keys_per_program, 1, 1 << 20)
     if not (isinstance(num_warps, int) and num_warps in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
-    if end == start:
-        return
+    return fields
+
+
+def _launch(keys: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torch.Tensor,
+            step: torch.Tensor, kmax: torch.Tensor, lmax: torch.Tensor, rmax: torch.Tensor,
+            counts: tuple[torch.Tensor, torch.Tensor] | None, start: int, end: int,
+            norm_start: int, segments: int, seg: int, fields: tuple[int, int, int],
+            keys_per_program: int, num_warps: int) -> None:
+    """One launch over ``segments`` segments (validated arguments); positions from ``counts``
+    (num_indexed, num_keys) on the device when given, else start / end / norm_start."""
+    hkv, cap, d = keys.shape
+    group, cb, fb = fields
     nbp, ngp, gp = next_pow2(d // 8), next_pow2(d // group), next_pow2(group)
     per_program = min(seg, keys_per_program)
     bk = min(next_pow2(per_program), max(1, _TILE // max(8 * nbp, ngp * gp)))
     chunk = triton.cdiv(per_program, bk) * bk
     chunks = triton.cdiv(seg, chunk)
-    _encode_kernel[(triton.cdiv(end - start, seg) * chunks, hkv)](
-        keys, codes, err, lo, step, kmax, lmax, rmax,
-        start, end, norm_start, seg, chunks,
+    n_idx, n_keys = counts if counts is not None else (kmax, kmax)
+    _encode_kernel[(segments * chunks, hkv)](
+        keys, codes, err, lo, step, kmax, lmax, rmax, n_idx, n_keys,
+        start, end, norm_start, seg, chunks, cap,
         keys.stride(0), keys.stride(1), codes.stride(0), codes.stride(1),
         err.stride(0), err.stride(1), lo.stride(0), lo.stride(1),
         NB=d // 8, NBP=nbp, NG=d // group, NGP=ngp, GROUP=group, GP=gp, CB=cb, FB=fb,
-        BK=bk, CHUNK=chunk, TREE=_INTERPRETED, num_warps=num_warps, num_stages=1,
+        BK=bk, CHUNK=chunk, TREE=_INTERPRETED, ON_DEVICE=counts is not None,
+        num_warps=num_warps, num_stages=1,
         enable_fp_fusion=False,   # TwoSum, Veltkamp and (x + 2^23) - 2^23 need plain roundings
     )
+
+
+class CapturedFlush:
+    """A decode-time flush of a LouverIndex (Triton backend, CUDA) as one CUDA graph replay.
+
+    Records quant_encode_counted over the index's current storage once; a call writes the
+    flush's positions (num_indexed, num_keys) to a pinned host buffer, copies them to the
+    device and replays the graph: a few us of host time where a validated launch costs ~65
+    (measured on an H200 host). The storage is baked into the graph: the index drops it when it
+    reallocates (LouverIndex._grow). The host buffer is rewritten only after the previous
+    flush's copy has run (an event), so a lagging GPU never reads the next flush's positions.
+    """
+
+    SEGMENTS = 2   # the grid: a full buffer from an unaligned num_indexed spans two segments
+
+    def __init__(self, index: LouverIndex) -> None:
+        cfg = index.config
+        self.max_keys = self.SEGMENTS * cfg.buffer_size
+        self._host = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        self._host_np = self._host.numpy()
+        self._pos = torch.zeros(2, dtype=torch.int32, device=index.device)
+        self._done = torch.cuda.Event()
+
+        def encode() -> None:
+            quant_encode_counted(
+                index._keys, index._codes, index._err, index._lo, index._step, index._kmax,
+                index._lmax, index._rmax, num_indexed=self._pos[0:1], num_keys=self._pos[1:2],
+                max_keys=self.max_keys, segment_size=cfg.buffer_size, bits=cfg.quant_bits,
+                coarse=cfg.quant_coarse_bits, group=cfg.quant_group)
+
+        # the warm-up launch compiles the kernel: positions (0, 0) encode nothing
+        self._graph = capture_graph(index.device, encode, warmups=1)
+
+    @classmethod
+    def covers(cls, start: int, end: int, segment_size: int) -> bool:
+        """Whether the graph's grid covers a flush of [start, end) (segments of segment_size
+        keys, the index's buffer_size)."""
+        return end - start // segment_size * segment_size <= cls.SEGMENTS * segment_size
+
+    def __call__(self, start: int, end: int) -> None:
+        """Encode [start // B * B, end) with the norms from ``start`` (see covers)."""
+        if not self._done.query():   # (a host synchronization only if the GPU lags by a
+            self._done.synchronize()  # whole buffer of appends)
+        self._host_np[0] = start
+        self._host_np[1] = end
+        self._pos.copy_(self._host, non_blocking=True)
+        self._done.record()
+        self._graph.replay()

@@ -314,6 +314,52 @@ def test_index_flushes_match_torch_backend(dtype: torch.dtype, group: int) -> No
         assert torch.equal(g_idx._step[:, :nseg].cpu(), t_idx._step[:, :nseg]), msg
         for name in ("_kmax", "_lmax", "_rmax"):
             assert torch.equal(getattr(g_idx, name).cpu(), getattr(t_idx, name)), (name, msg)
+    # on CUDA the short flushes were graph replays (encode.CapturedFlush)
+    assert (g_idx._flush is not None) == CUDA
+
+
+def _storage(hkv: int, cap: int, d: int, seg: int, gen: torch.Generator
+             ) -> dict[str, torch.Tensor]:
+    """A QUANT storage on DEVICE: random keys, poisoned records, random running maxima."""
+    return dict(keys=make_keys("clustered", hkv, cap, d, torch.float16, gen),
+                codes=torch.full((hkv, cap, d * 6 // 8), 0xA5, dtype=torch.uint8),
+                err=torch.full((hkv, cap, d // 16), math.nan, dtype=torch.float16),
+                lo=torch.full((hkv, cap // seg, d), math.nan),
+                step=torch.full((hkv, cap // seg, d), math.nan),
+                kmax=torch.rand(hkv, generator=gen), lmax=torch.rand(hkv, generator=gen),
+                rmax=torch.rand(hkv, generator=gen))
+
+
+@pytest.mark.parametrize(("n_idx", "n_keys", "max_keys", "start", "end"), [
+    (16, 32, 32, 16, 32),     # one aligned segment
+    (21, 37, 32, 16, 37),     # unaligned: num_indexed's segment is re-fitted from its start
+    (32, 32, 32, 32, 32),     # nothing to flush
+    (40, 30, 32, 16, 30),     # num_indexed > num_keys: clamped to num_keys
+    (48, 200, 32, 48, 64),    # num_keys beyond the storage: clamped to cap
+    (0, 48, 32, 0, 32),       # a range longer than max_keys: only the grid's segments
+], ids=["aligned", "unaligned", "empty", "clamped-start", "clamped-end", "grid-bound"])
+def test_counted_encode_is_the_packed_encode(n_idx: int, n_keys: int, max_keys: int,
+                                             start: int, end: int) -> None:
+    """quant_encode_counted with positions read on the device writes exactly what
+    quant_encode_packed(start=n // B * B, end=m, norm_start=n) writes (clamped to the
+    storage, cut at the grid's max_keys), and nothing else."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    hkv, cap, d, seg = 2, 64, 64, 16
+    base = _storage(hkv, cap, d, seg, gen)
+    got = {k: v.clone().to(DEVICE) for k, v in base.items()}
+    want = {k: v.clone().to(DEVICE) for k, v in base.items()}
+    pos = torch.tensor([n_idx, n_keys], dtype=torch.int32, device=DEVICE)
+    opts: dict[str, Any] = dict(segment_size=seg, bits=6, coarse=4, group=16)
+    encode.quant_encode_counted(**got, num_indexed=pos[0:1], num_keys=pos[1:2],
+                                max_keys=max_keys, **opts)
+    quant_encode_packed(**want, start=start, end=end,
+                        norm_start=min(max(n_idx, start), end), **opts)
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+    for name in base:   # bit for bit (the poison is NaN)
+        g, w = got[name].cpu(), want[name].cpu()
+        assert torch.equal(g.view(as_int[g.element_size()]), w.view(as_int[w.element_size()])), \
+            f"{name}, seed {seed}"
 
 
 @pytest.mark.skipif(not CUDA, reason="host synchronizations exist on CUDA only")
@@ -395,3 +441,20 @@ def test_bad_arguments_raise_value_error(change: dict[str, Any], kw: dict[str, A
     # the defaults are valid; an empty range launches nothing
     quant_encode_packed(**_args(), start=16, end=16, segment_size=16, bits=6, coarse=4,
                         group=16)
+
+
+@pytest.mark.parametrize("kw", [
+    {"num_indexed": torch.zeros(1)},
+    {"num_indexed": torch.zeros(2, dtype=torch.int32)},
+    {"num_keys": 3},
+    {"max_keys": 0},
+    {"segment_size": 0},
+    {"group": 5},
+], ids=["float", "two-elements", "int", "max-keys", "segment", "group"])
+def test_counted_bad_arguments_raise_value_error(kw: dict[str, Any]) -> None:
+    opts: dict[str, Any] = dict(num_indexed=torch.zeros(1, dtype=torch.int32),
+                                num_keys=torch.zeros(1, dtype=torch.int32), max_keys=32,
+                                segment_size=16, bits=6, coarse=4, group=16)
+    opts.update(kw)
+    with pytest.raises(ValueError):
+        encode.quant_encode_counted(**_args(), **opts)
