@@ -515,10 +515,14 @@ class CapturedFlush:
         self._pos = torch.zeros(2, dtype=torch.int32, device=index.device)
         self._done = torch.cuda.Event()
 
+        # the storage itself, not the index: the index holds this object (no reference cycle
+        # that would keep a dropped index's memory until the garbage collector runs)
+        storage = (index._keys, index._codes, index._err, index._lo, index._step, index._kmax,
+                   index._lmax, index._rmax)
+
         def encode() -> None:
             quant_encode_counted(
-                index._keys, index._codes, index._err, index._lo, index._step, index._kmax,
-                index._lmax, index._rmax, num_indexed=self._pos[0:1], num_keys=self._pos[1:2],
+                *storage, num_indexed=self._pos[0:1], num_keys=self._pos[1:2],
                 max_keys=self.max_keys, segment_size=cfg.buffer_size, bits=cfg.quant_bits,
                 coarse=cfg.quant_coarse_bits, group=cfg.quant_group)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from fractions import Fraction
 from typing import Any
 
@@ -303,19 +304,53 @@ def test_index_flushes_match_torch_backend(dtype: torch.dtype, group: int) -> No
         k = make_keys("clustered", hkv, t, d, dtype, gen)
         t_idx.append(k, k)
         g_idx.append(k.to(DEVICE), k.to(DEVICE))
-        n = t_idx.num_indexed
-        assert g_idx.num_indexed == n and g_idx.num_flushes == t_idx.num_flushes
-        nseg = -(-n // seg)
-        msg = f"seed {seed} after {t_idx.num_keys} keys"
-        assert torch.equal(g_idx._codes[:, :n].cpu(),
-                           ref.pack_codes(t_idx._codes[:, :n], bits, coarse)), msg
-        assert torch.equal(g_idx._err[:, :n].cpu(), t_idx._err[:, :n]), msg
-        assert torch.equal(g_idx._lo[:, :nseg].cpu(), t_idx._lo[:, :nseg]), msg
-        assert torch.equal(g_idx._step[:, :nseg].cpu(), t_idx._step[:, :nseg]), msg
-        for name in ("_kmax", "_lmax", "_rmax"):
-            assert torch.equal(getattr(g_idx, name).cpu(), getattr(t_idx, name)), (name, msg)
+        assert_same_records(g_idx, t_idx, f"seed {seed} after {t_idx.num_keys} keys")
     # on CUDA the short flushes were graph replays (encode.CapturedFlush)
     assert (g_idx._flush is not None) == CUDA
+
+
+def assert_same_records(g_idx: LouverIndex, t_idx: LouverIndex, msg: str) -> None:
+    """The Triton index holds the torch backend index's records (packed) and maxima."""
+    cfg = t_idx.config
+    n = t_idx.num_indexed
+    assert g_idx.num_indexed == n and g_idx.num_flushes == t_idx.num_flushes, msg
+    nseg = -(-n // cfg.buffer_size)
+    assert torch.equal(g_idx._codes[:, :n].cpu(), ref.pack_codes(
+        t_idx._codes[:, :n], cfg.quant_bits, cfg.quant_coarse_bits)), msg
+    assert torch.equal(g_idx._err[:, :n].cpu(), t_idx._err[:, :n]), msg
+    assert torch.equal(g_idx._lo[:, :nseg].cpu(), t_idx._lo[:, :nseg]), msg
+    assert torch.equal(g_idx._step[:, :nseg].cpu(), t_idx._step[:, :nseg]), msg
+    for name in ("_kmax", "_lmax", "_rmax"):
+        assert torch.equal(getattr(g_idx, name).cpu(), getattr(t_idx, name)), (name, msg)
+
+
+@pytest.mark.skipif(not CUDA, reason="CapturedFlush records CUDA graphs")
+def test_captured_flush_follows_growth_and_lets_the_index_go() -> None:
+    """Decode-time flushes are graph replays; growing the storage records a new graph over
+    the new tensors (the records stay the torch backend's), and a dropped index is freed at
+    once (no reference cycle through its graph)."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    gen = torch.Generator().manual_seed(seed)
+    hkv, d, seg = 2, 64, 32
+    cfg = dict(kind=IndexKind.QUANT, buffer_size=seg)
+    keys = make_keys("clustered", hkv, 50, d, torch.float16, gen)
+    t_idx = LouverIndex.build(keys, keys, IndexConfig(backend="torch", **cfg))
+    g_idx = LouverIndex.build(keys.to(DEVICE), keys.to(DEVICE),
+                              IndexConfig(backend="triton", **cfg))
+    graphs: list[object] = []
+    new = make_keys("clustered", hkv, 400, d, torch.float16, gen)
+    for step in range(400):     # 450 keys one by one: the storage grows from 256 to 512
+        k = new[:, step:step + 1]
+        t_idx.append(k, k)
+        g_idx.append(k.to(DEVICE), k.to(DEVICE))
+        if g_idx._flush is not None and all(g is not g_idx._flush for g in graphs):
+            graphs.append(g_idx._flush)
+        if g_idx.num_buffered == 0:
+            assert_same_records(g_idx, t_idx, f"seed {seed} step {step}")
+    assert g_idx._cap == 512 and len(graphs) == 2 and t_idx.num_flushes == 13
+    gone = weakref.ref(g_idx)
+    del g_idx
+    assert gone() is None
 
 
 def _storage(hkv: int, cap: int, d: int, seg: int, gen: torch.Generator
