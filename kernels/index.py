@@ -138,8 +138,8 @@ class LouverIndex:
         # steps, and the eager step's scratch
         self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_scratch: object | None = None
-        # Triton backend on CUDA: the decode-time flush as a CUDA graph over the current
-        # storage (triton.encode.CapturedFlush), dropped when the storage is reallocated
+        # Triton backend: the decode-time flush (triton.encode.CapturedFlush, a CUDA graph on
+        # CUDA) over the current storage, dropped when the storage is reallocated
         self._flush: object | None = None
         h = num_kv_heads
         if config.kind is IndexKind.BALLS:
@@ -317,13 +317,16 @@ class LouverIndex:
         k = self._keys[:, start:end]
         if not self.uses_triton:   # the Triton encoder raises _kmax itself (no synchronization)
             self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
+        published = False
         if self.config.kind is IndexKind.BALLS:
             self._encode_balls(k, start, end)
-        elif not self._replay_flush(start, end):
-            self._encode_quant(k, start, end)
+        else:
+            published = self._replay_flush(start, end)   # it publishes num_indexed itself
+            if not published:
+                self._encode_quant(k, start, end)
         self.num_indexed = end
         self.num_flushes += 1
-        if self._counters is not None:
+        if self._counters is not None and not published:
             self._counters[0].fill_(self.num_indexed)
 
     def device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,18 +340,21 @@ class LouverIndex:
         return self._counters
 
     def _replay_flush(self, start: int, end: int) -> bool:
-        """Encode [start, end) as a replay of the index's CapturedFlush (recorded on first use
-        for the current storage) where that applies: the Triton backend on CUDA and a range of
-        at most two segments from the start of num_indexed's segment (a decode-time flush;
-        a build or a long append takes the launch). The same records as _encode_quant."""
-        if not (self.uses_triton and self.device.type == "cuda"):
+        """Encode [start, end) with the index's CapturedFlush (made on first use for the
+        current storage: a CUDA graph on CUDA, eager launches otherwise), which also publishes
+        num_indexed = end in the device counters, where that applies: the Triton backend and
+        a range of at most two segments from the start of num_indexed's segment (a decode-time
+        flush, or a build of at most two segments; longer ranges take _encode_quant's launch).
+        The same records as _encode_quant. Using it creates the device counters, which every
+        append then keeps current (one small fill)."""
+        if not self.uses_triton:
             return False
         from louver_kernels.triton.encode import CapturedFlush
 
         if not CapturedFlush.covers(start, end, self.config.buffer_size):
             return False
         if self._flush is None:
-            self._flush = CapturedFlush(self)
+            self._flush = CapturedFlush(self, graph=self.device.type == "cuda")
         assert isinstance(self._flush, CapturedFlush)
         self._flush(start, end)
         return True

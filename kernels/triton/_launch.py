@@ -6,6 +6,7 @@ Host code only; the device-side helpers shared by the kernels are in _device.py.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,7 @@ __all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_code_layout",
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _SM_COUNT: dict[int, int] = {}
+_CAPTURE_LOCK = threading.Lock()
 
 
 def interpreted(kernel: object) -> bool:
@@ -74,7 +76,15 @@ def capture_graph(device: torch.device, body: Callable[[], None], warmups: int
     calls on that stream (they compile the kernels and create the launchers' per-stream state,
     e.g. CounterPool buffers, which must outlive the graph). The capture is thread_local: CUDA
     work that other threads issue meanwhile (a server serves other sessions from several
-    threads) neither fails nor invalidates it."""
+    threads) does not invalidate it. Captures are serialized by a lock: entering
+    torch.cuda.graph synchronizes the device and empties the allocator's cache, which must
+    not happen while another thread captures."""
+    with _CAPTURE_LOCK:   # one capture at a time in this process (see the docstring)
+        return _capture(device, body, warmups)
+
+
+def _capture(device: torch.device, body: Callable[[], None], warmups: int
+             ) -> torch.cuda.CUDAGraph:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
@@ -110,7 +120,7 @@ def check_device_scalar(name: str, value: torch.Tensor, device: torch.device) ->
         raise ValueError(f"{name} given as a tensor must hold one int32/int64 element, got "
                          f"shape {list(value.shape)} dtype {value.dtype}")
     if value.get_device() != _device_index(device):
-        raise ValueError(f"{name} is on {value.device}, expected q's device {device}")
+        raise ValueError(f"{name} is on {value.device}, expected {device}")
     return value
 
 

@@ -242,7 +242,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
 
     Relative: enough programs per KV head for one chunk of probe keys each when the buffer is
     full (sinks + max(recent, buffer) keys: the grid does not depend on the key count, so a
-    captured step replays it as keys arrive); the kernel loops if there are more."""
+    captured step replays it as keys arrive); the kernel loops if there are more. Every mode:
+    one more program per KV head for the slack and the check of q."""
     cfg = index.config
     hkv, d = index.num_kv_heads, index.head_dim
     keys = index._keys

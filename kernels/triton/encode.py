@@ -55,12 +55,13 @@ sums of squares are tl.reduce's with the TwoSum combine (under the interpreter, 
 tl.reduce runs the combine once per element, log2 vectorized levels of the same combine). About
 2048 key-channel elements per tile and 8 warps: ptxas (sm_90) reports no spills for D = 64,
 96, 128 and groups 1 .. D. Programs take ``keys_per_program`` keys each (64 for a build, 16
-for a flush: a flush of one 256-key segment of 8 KV heads runs 128 programs; on an H200 it
-took ~21 us as a graph replay for 32/8/128, ~30 us with 64 keys per program).
+for a flush: a flush of one 256-key segment of 8 KV heads takes 128 programs (its grid covers
+two segments, the others return at once); on an H200 it took ~21 us as a graph replay for
+32/8/128, ~30 us with 64 keys per program).
 
 A flush at decode time (quant_encode_counted) reads its positions from the index's device
 counters, so LouverIndex records it once per storage allocation in a CUDA graph, together with
-the publication of the new num_indexed, and replays it.
+the publication of the new num_indexed, and replays it (CapturedFlush).
 """
 
 from __future__ import annotations
@@ -348,7 +349,8 @@ def quant_encode_packed(
             segment each, rounded up to a whole tile; each reads its whole segment to fit it).
 
     One launch, none when start == end; nothing is synchronized with the host. The arguments
-    are validated (~25 us of host time); see quant_encode_counted for a flush without it.
+    are validated (~25 us of host time on a CPU here; the validated launch costs ~65 us on an
+    H200 host); CapturedFlush replays a flush without either.
 
     Raises:
         ValueError: on any shape, dtype, device, layout or range problem of the arguments.
@@ -411,13 +413,15 @@ def quant_encode_counted(
     """
     seg = check_int("segment_size", segment_size, 1, 1 << 20)
     max_keys = check_int("max_keys", max_keys, 1, 1 << 40)
+    fields = _check_storage(keys, codes, err, lo, step, kmax, lmax, rmax, bits, coarse, group,
+                            seg, 0, keys_per_program, num_warps)
+    if lo.shape[1] < triton.cdiv(keys.shape[1], seg):
+        raise ValueError(f"lo and step must hold ceil(cap / segment_size) = "
+                         f"{triton.cdiv(keys.shape[1], seg)} segments, got {lo.shape[1]}")
     for name, t in (("num_indexed", num_indexed), ("num_keys", num_keys)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         check_device_scalar(name, t, keys.device)
-    fields = _check_storage(keys, codes, err, lo, step, kmax, lmax, rmax, bits, coarse, group,
-                            seg, keys.shape[1] if keys.dim() == 3 else 0, keys_per_program,
-                            num_warps)
     _launch(keys, codes, err, lo, step, kmax, lmax, rmax, (num_indexed, num_keys), 0, 0, 0,
             triton.cdiv(max_keys, seg), seg, fields, keys_per_program, num_warps)
 
@@ -495,52 +499,55 @@ def _launch(keys: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torc
 
 
 class CapturedFlush:
-    """A decode-time flush of a LouverIndex (Triton backend, CUDA) as one CUDA graph replay.
+    """A decode-time flush of a LouverIndex (Triton backend) as one CUDA graph replay.
 
-    Records quant_encode_counted over the index's current storage once; a call writes the
-    flush's positions (num_indexed, num_keys) to a pinned host buffer, copies them to the
-    device and replays the graph: a few us of host time where a validated launch costs ~65
-    (measured on an H200 host). The storage is baked into the graph: the index drops it when it
-    reallocates (LouverIndex._grow). The host buffer is rewritten only after the previous
-    flush's copy has run (an event), so a lagging GPU never reads the next flush's positions.
+    The flush reads its positions from the index's device counters (``device_counters``:
+    num_indexed, num_keys; append keeps num_keys current) and publishes num_indexed = num_keys
+    there itself, so a replay takes no argument from the host: one call of a few us of host
+    time where a validated launch costs ~65 us (measured on an H200 host), and nothing to keep
+    in step between host and device beyond the stream order every index operation relies on.
+    The graph records the storage tensors of the moment: the index drops this object when it
+    reallocates them (LouverIndex._grow). Without ``graph`` (no CUDA) the same launches run
+    eagerly.
     """
 
     SEGMENTS = 2   # the grid: a full buffer from an unaligned num_indexed spans two segments
 
-    def __init__(self, index: LouverIndex) -> None:
+    def __init__(self, index: LouverIndex, graph: bool) -> None:
         cfg = index.config
-        self.max_keys = self.SEGMENTS * cfg.buffer_size
-        self._host = torch.zeros(2, dtype=torch.int32, pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._pos = torch.zeros(2, dtype=torch.int32, device=index.device)
-        self._done = torch.cuda.Event()
-
+        self.segment_size = cfg.buffer_size
         # the storage itself, not the index: the index holds this object (no reference cycle
         # that would keep a dropped index's memory until the garbage collector runs)
         storage = (index._keys, index._codes, index._err, index._lo, index._step, index._kmax,
                    index._lmax, index._rmax)
+        n_idx, n_keys = index.device_counters()
+        opts = dict(max_keys=self.SEGMENTS * cfg.buffer_size, segment_size=cfg.buffer_size,
+                    bits=cfg.quant_bits, coarse=cfg.quant_coarse_bits, group=cfg.quant_group)
 
-        def encode() -> None:
-            quant_encode_counted(
-                *storage, num_indexed=self._pos[0:1], num_keys=self._pos[1:2],
-                max_keys=self.max_keys, segment_size=cfg.buffer_size, bits=cfg.quant_bits,
-                coarse=cfg.quant_coarse_bits, group=cfg.quant_group)
+        def flush() -> None:
+            quant_encode_counted(*storage, num_indexed=n_idx, num_keys=n_keys, **opts)
+            n_idx.copy_(n_keys)
 
-        # the warm-up launch compiles the kernel: positions (0, 0) encode nothing
-        self._graph = capture_graph(index.device, encode, warmups=1)
+        self._flush = flush
+        self._graph: torch.cuda.CUDAGraph | None = None
+        if graph:
+            # compile the kernel outside the graph: positions (0, 0) encode nothing
+            zero = torch.zeros(1, dtype=torch.int32, device=index.device)
+            quant_encode_counted(*storage, num_indexed=zero, num_keys=zero, **opts)
+            self._graph = capture_graph(index.device, flush, warmups=0)
 
     @classmethod
     def covers(cls, start: int, end: int, segment_size: int) -> bool:
-        """Whether the graph's grid covers a flush of [start, end) (segments of segment_size
-        keys, the index's buffer_size)."""
+        """Whether the grid covers a flush of [start, end) (segments of segment_size keys, the
+        index's buffer_size)."""
         return end - start // segment_size * segment_size <= cls.SEGMENTS * segment_size
 
     def __call__(self, start: int, end: int) -> None:
-        """Encode [start // B * B, end) with the norms from ``start`` (see covers)."""
-        if not self._done.query():   # (a host synchronization only if the GPU lags by a
-            self._done.synchronize()  # whole buffer of appends)
-        self._host_np[0] = start
-        self._host_np[1] = end
-        self._pos.copy_(self._host, non_blocking=True)
-        self._done.record()
-        self._graph.replay()
+        """Encode [start // B * B, end) with the norms from ``start`` and publish
+        num_indexed = end; (start, end) must be what the device counters hold."""
+        if not self.covers(start, end, self.segment_size):
+            raise ValueError(f"a flush of [{start}, {end}) is longer than the captured grid")
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            self._flush()

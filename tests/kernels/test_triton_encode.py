@@ -305,8 +305,9 @@ def test_index_flushes_match_torch_backend(dtype: torch.dtype, group: int) -> No
         t_idx.append(k, k)
         g_idx.append(k.to(DEVICE), k.to(DEVICE))
         assert_same_records(g_idx, t_idx, f"seed {seed} after {t_idx.num_keys} keys")
-    # on CUDA the short flushes were graph replays (encode.CapturedFlush)
-    assert (g_idx._flush is not None) == CUDA
+    # the short flushes went through encode.CapturedFlush: graph replays on CUDA
+    assert isinstance(g_idx._flush, encode.CapturedFlush)
+    assert (g_idx._flush._graph is not None) == CUDA
 
 
 def assert_same_records(g_idx: LouverIndex, t_idx: LouverIndex, msg: str) -> None:
@@ -324,11 +325,10 @@ def assert_same_records(g_idx: LouverIndex, t_idx: LouverIndex, msg: str) -> Non
         assert torch.equal(getattr(g_idx, name).cpu(), getattr(t_idx, name)), (name, msg)
 
 
-@pytest.mark.skipif(not CUDA, reason="CapturedFlush records CUDA graphs")
 def test_captured_flush_follows_growth_and_lets_the_index_go() -> None:
-    """Decode-time flushes are graph replays; growing the storage records a new graph over
-    the new tensors (the records stay the torch backend's), and a dropped index is freed at
-    once (no reference cycle through its graph)."""
+    """Decode-time flushes go through CapturedFlush (graph replays on CUDA); growing the
+    storage makes a new one over the new tensors (the records stay the torch backend's, the
+    device counters follow), and a dropped index is freed at once (no reference cycle)."""
     seed = int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
     hkv, d, seg = 2, 64, 32
@@ -347,6 +347,7 @@ def test_captured_flush_follows_growth_and_lets_the_index_go() -> None:
             graphs.append(g_idx._flush)
         if g_idx.num_buffered == 0:
             assert_same_records(g_idx, t_idx, f"seed {seed} step {step}")
+            assert [int(c) for c in g_idx.device_counters()] == [g_idx.num_keys] * 2
     assert g_idx._cap == 512 and len(graphs) == 2 and t_idx.num_flushes == 13
     gone = weakref.ref(g_idx)
     del g_idx
@@ -365,27 +366,32 @@ def _storage(hkv: int, cap: int, d: int, seg: int, gen: torch.Generator
                 rmax=torch.rand(hkv, generator=gen))
 
 
-@pytest.mark.parametrize(("n_idx", "n_keys", "max_keys", "start", "end"), [
-    (16, 32, 32, 16, 32),     # one aligned segment
-    (21, 37, 32, 16, 37),     # unaligned: num_indexed's segment is re-fitted from its start
-    (32, 32, 32, 32, 32),     # nothing to flush
-    (40, 30, 32, 16, 30),     # num_indexed > num_keys: clamped to num_keys
-    (48, 200, 32, 48, 64),    # num_keys beyond the storage: clamped to cap
-    (0, 48, 32, 0, 32),       # a range longer than max_keys: only the grid's segments
-], ids=["aligned", "unaligned", "empty", "clamped-start", "clamped-end", "grid-bound"])
+@pytest.mark.parametrize(("n_idx", "n_keys", "max_keys", "start", "end", "seg", "kpp", "dtype"), [
+    (16, 32, 32, 16, 32, 16, 16, torch.int32),     # one aligned segment
+    (21, 37, 32, 16, 37, 16, 16, torch.int32),     # unaligned: num_indexed's segment re-fitted
+    (21, 37, 32, 16, 37, 16, 4, torch.int64),      # the same, 4 programs per segment, int64
+    (32, 32, 32, 32, 32, 16, 16, torch.int32),     # nothing to flush
+    (40, 30, 32, 16, 30, 16, 16, torch.int32),     # num_indexed > num_keys: clamped to num_keys
+    (-5, 20, 32, 0, 20, 16, 8, torch.int32),       # num_indexed < 0: clamped to 0
+    (40, 200, 64, 32, 64, 32, 8, torch.int32),     # num_keys beyond the storage: clamped to cap
+    (0, 48, 32, 0, 32, 16, 16, torch.int32),       # longer than max_keys: the grid's segments
+], ids=["aligned", "unaligned", "unaligned-4-per-program-int64", "empty", "clamped-start",
+        "negative-start", "clamped-end", "grid-bound"])
 def test_counted_encode_is_the_packed_encode(n_idx: int, n_keys: int, max_keys: int,
-                                             start: int, end: int) -> None:
+                                             start: int, end: int, seg: int, kpp: int,
+                                             dtype: torch.dtype) -> None:
     """quant_encode_counted with positions read on the device writes exactly what
     quant_encode_packed(start=n // B * B, end=m, norm_start=n) writes (clamped to the
     storage, cut at the grid's max_keys), and nothing else."""
     seed = int.from_bytes(os.urandom(4), "little")
     gen = torch.Generator().manual_seed(seed)
-    hkv, cap, d, seg = 2, 64, 64, 16
+    hkv, cap, d = 2, 64, 64
     base = _storage(hkv, cap, d, seg, gen)
     got = {k: v.clone().to(DEVICE) for k, v in base.items()}
     want = {k: v.clone().to(DEVICE) for k, v in base.items()}
-    pos = torch.tensor([n_idx, n_keys], dtype=torch.int32, device=DEVICE)
-    opts: dict[str, Any] = dict(segment_size=seg, bits=6, coarse=4, group=16)
+    pos = torch.tensor([n_idx, n_keys], dtype=dtype, device=DEVICE)
+    opts: dict[str, Any] = dict(segment_size=seg, bits=6, coarse=4, group=16,
+                                keys_per_program=kpp)
     encode.quant_encode_counted(**got, num_indexed=pos[0:1], num_keys=pos[1:2],
                                 max_keys=max_keys, **opts)
     quant_encode_packed(**want, start=start, end=end,
@@ -403,6 +409,7 @@ def test_flush_does_not_synchronize_and_validation_synchronizes_once() -> None:
     keys = make_keys("random", 2, 40, 64, torch.float16, gen).to(DEVICE)
     index = LouverIndex.build(keys, keys, IndexConfig(backend="triton", buffer_size=32))
     extra = make_keys("random", 2, 20, 64, torch.float16, gen).to(DEVICE)
+    longer = make_keys("random", 2, 80, 64, torch.float16, gen).to(DEVICE)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -410,10 +417,12 @@ def test_flush_does_not_synchronize_and_validation_synchronizes_once() -> None:
             index._store(extra, extra)
         assert sum("synchroniz" in str(w.message) for w in record) == 1
         torch.cuda.set_sync_debug_mode("error")
-        index._index_pending()
+        index._index_pending()                  # a replay of the captured flush
+        index._store(longer, longer, validate=False)
+        index._index_pending()                  # 3 segments: the launch
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert index.num_indexed == 60
+    assert index.num_indexed == 140
 
 
 def test_validate_kv_messages() -> None:
@@ -478,18 +487,24 @@ def test_bad_arguments_raise_value_error(change: dict[str, Any], kw: dict[str, A
                         group=16)
 
 
-@pytest.mark.parametrize("kw", [
-    {"num_indexed": torch.zeros(1)},
-    {"num_indexed": torch.zeros(2, dtype=torch.int32)},
-    {"num_keys": 3},
-    {"max_keys": 0},
-    {"segment_size": 0},
-    {"group": 5},
-], ids=["float", "two-elements", "int", "max-keys", "segment", "group"])
-def test_counted_bad_arguments_raise_value_error(kw: dict[str, Any]) -> None:
-    opts: dict[str, Any] = dict(num_indexed=torch.zeros(1, dtype=torch.int32),
-                                num_keys=torch.zeros(1, dtype=torch.int32), max_keys=32,
-                                segment_size=16, bits=6, coarse=4, group=16)
-    opts.update(kw)
-    with pytest.raises(ValueError):
-        encode.quant_encode_counted(**_args(), **opts)
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"num_indexed": torch.zeros(1)}, "num_indexed given as a tensor must hold one int32"),
+    ({"num_indexed": torch.zeros(2, dtype=torch.int32)}, "must hold one int32/int64 element"),
+    ({"num_keys": 3}, "num_keys must be a torch.Tensor"),
+    ({"max_keys": 0}, "max_keys must be an int"),
+    ({"segment_size": 0}, "segment_size must be an int"),
+    ({"segment_size": 8}, "ceil\\(cap / segment_size\\) = 4 segments"),
+    ({"group": 5}, "group=5 must divide"),
+    ({"keys": "k"}, "keys must be a torch.Tensor"),
+], ids=["float", "two-elements", "int", "max-keys", "segment", "too-few-segments", "group",
+        "keys"])
+def test_counted_bad_arguments_raise_value_error(kw: dict[str, Any], match: str) -> None:
+    zero = torch.zeros(1, dtype=torch.int32)
+    opts: dict[str, Any] = dict(num_indexed=zero, num_keys=zero, max_keys=32, segment_size=16,
+                                bits=6, coarse=4, group=16)
+    encode.quant_encode_counted(**_args(), **opts)     # valid; positions (0, 0) write nothing
+    args = _args()
+    args.update({k: v for k, v in kw.items() if k in args})
+    opts.update({k: v for k, v in kw.items() if k not in args})
+    with pytest.raises(ValueError, match=match):
+        encode.quant_encode_counted(**args, **opts)
