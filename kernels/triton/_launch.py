@@ -18,7 +18,7 @@ __all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_code_layout",
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _SM_COUNT: dict[int, int] = {}
-_CAPTURE_LOCK = threading.Lock()
+_CAPTURE_LOCK = threading.RLock()   # a nested capture fails in CUDA, never deadlocks
 
 
 def interpreted(kernel: object) -> bool:
