@@ -499,11 +499,11 @@ def test_bad_arguments_raise_value_error(change: dict[str, Any], kw: dict[str, A
 ], ids=["float", "two-elements", "int", "max-keys", "segment", "too-few-segments", "group",
         "keys"])
 def test_counted_bad_arguments_raise_value_error(kw: dict[str, Any], match: str) -> None:
-    zero = torch.zeros(1, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=DEVICE)
     opts: dict[str, Any] = dict(num_indexed=zero, num_keys=zero, max_keys=32, segment_size=16,
                                 bits=6, coarse=4, group=16)
-    encode.quant_encode_counted(**_args(), **opts)     # valid; positions (0, 0) write nothing
-    args = _args()
+    args = {k: v.to(DEVICE) for k, v in _args().items()}
+    encode.quant_encode_counted(**args, **opts)        # valid; positions (0, 0) write nothing
     args.update({k: v for k, v in kw.items() if k in args})
     opts.update({k: v for k, v in kw.items() if k not in args})
     with pytest.raises(ValueError, match=match):
