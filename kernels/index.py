@@ -307,10 +307,12 @@ class LouverIndex:
         """
         self._store(keys, values, validate)
         if self.num_buffered >= self.config.buffer_size:
-            self._index_pending()
+            self._index_pending(captured=True)
 
-    def _index_pending(self) -> None:
-        """Index every stored key (the buffer becomes empty)."""
+    def _index_pending(self, captured: bool = False) -> None:
+        """Index every stored key (the buffer becomes empty). ``captured``: a decode-time flush,
+        which may replay the index's CapturedFlush (a build launches: its storage usually grows
+        before the next flush, which would waste the graph)."""
         start, end = self.num_indexed, self.num_keys
         if end <= start:
             return
@@ -321,7 +323,7 @@ class LouverIndex:
         if self.config.kind is IndexKind.BALLS:
             self._encode_balls(k, start, end)
         else:
-            published = self._replay_flush(start, end)   # it publishes num_indexed itself
+            published = captured and self._replay_flush(start, end)   # publishes num_indexed
             if not published:
                 self._encode_quant(k, start, end)
         self.num_indexed = end
@@ -343,8 +345,8 @@ class LouverIndex:
         """Encode [start, end) with the index's CapturedFlush (made on first use for the
         current storage: a CUDA graph on CUDA, eager launches otherwise), which also publishes
         num_indexed = end in the device counters, where that applies: the Triton backend and
-        a range of at most two segments from the start of num_indexed's segment (a decode-time
-        flush, or a build of at most two segments; longer ranges take _encode_quant's launch).
+        a range of at most two segments from the start of num_indexed's segment (longer ranges
+        take _encode_quant's launch).
         The same records as _encode_quant. Using it creates the device counters, which every
         append then keeps current (one small fill)."""
         if not self.uses_triton:

@@ -408,8 +408,11 @@ def test_flush_does_not_synchronize_and_validation_synchronizes_once() -> None:
     gen = torch.Generator().manual_seed(5)
     keys = make_keys("random", 2, 40, 64, torch.float16, gen).to(DEVICE)
     index = LouverIndex.build(keys, keys, IndexConfig(backend="triton", buffer_size=32))
-    extra = make_keys("random", 2, 20, 64, torch.float16, gen).to(DEVICE)
+    first, extra = (make_keys("random", 2, 20, 64, torch.float16, gen).to(DEVICE)
+                    for _ in range(2))
     longer = make_keys("random", 2, 80, 64, torch.float16, gen).to(DEVICE)
+    index._store(first, first, validate=False)
+    index._index_pending(captured=True)         # records the flush's graph (synchronizes)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
@@ -417,12 +420,12 @@ def test_flush_does_not_synchronize_and_validation_synchronizes_once() -> None:
             index._store(extra, extra)
         assert sum("synchroniz" in str(w.message) for w in record) == 1
         torch.cuda.set_sync_debug_mode("error")
-        index._index_pending()                  # a replay of the captured flush
+        index._index_pending(captured=True)     # a replay of the captured flush
         index._store(longer, longer, validate=False)
-        index._index_pending()                  # 3 segments: the launch
+        index._index_pending(captured=True)     # 3 segments: the launch
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert index.num_indexed == 140
+    assert index.num_indexed == 160
 
 
 def test_validate_kv_messages() -> None:
