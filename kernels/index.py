@@ -346,9 +346,8 @@ class LouverIndex:
         current storage: a CUDA graph on CUDA, eager launches otherwise), which also publishes
         num_indexed = end in the device counters, where that applies: the Triton backend and
         a range of at most two segments from the start of num_indexed's segment (longer ranges
-        take _encode_quant's launch).
-        The same records as _encode_quant. Using it creates the device counters, which every
-        append then keeps current (one small fill)."""
+        take _encode_quant's launch). The same records as _encode_quant. Using it creates the
+        device counters, which every append then keeps current (one small fill)."""
         if not self.uses_triton:
             return False
         from louver_kernels.triton.encode import CapturedFlush
