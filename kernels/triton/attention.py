@@ -58,7 +58,12 @@ Combine. Each program writes its partial (m, l, acc, count; with BELOW also the 
 (m, l)) to a workspace, then takes a ticket from a per-KV-head arrival counter (atomic add,
 acq_rel, GPU scope, after a CTA barrier so the whole partial is released). The program that
 draws the last ticket merges the partials of its KV head (the below-tau (m, l) exactly like
-(m, l)) and writes the outputs, then resets the counter to zero for the next launch. This keeps
+(m, l)) and writes the outputs, then resets the counter to zero for the next launch. A KV head
+with more than MERGE_GROUP programs (real queries are skewed: one head may get most of the
+grid) merges in two levels: groups of MERGE_GROUP consecutive programs first (the last arrival
+of a group, on a per-group ticket, writes a group partial), then the group partials; so the
+merge on the critical path after the last arrival is two short passes instead of one long one
+(on an H200, 32/8/128 at 128k keys, the one-level merge cost ~27 us of a ~58 us launch). This keeps
 the operation a single launch (a Triton launch costs ~20 us of host time eagerly and a kernel
 boundary ~2 us inside a CUDA graph, both large against a 10-50 us decode step) and needs no
 memset: counters live in a cached per-(device, stream) buffer that is zero at creation and left
@@ -117,6 +122,76 @@ def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
     return pos.to(tl.int64), row_ok, is_cand
 
 
+@triton.jit
+def _merge_partials(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, first, count, C,
+                    G: tl.constexpr, G_P: tl.constexpr, DV: tl.constexpr,
+                    SPLIT_CHUNK: tl.constexpr, BELOW: tl.constexpr):
+    """The partials in slots [first, first + count), merged for all G heads at once (one pass,
+    online max, SPLIT_CHUNK slots per load; read from L2: .cg): (m, l, count, acc, below m,
+    below l), acc and l relative to m (as a partial)."""
+    offs_s = tl.arange(0, SPLIT_CHUNK)
+    offs_gp = tl.arange(0, G_P)
+    offs_dv = tl.arange(0, DV)
+    g_ok = offs_gp < G
+    m_tot = tl.full([G_P], float("-inf"), tl.float32)
+    l_tot = tl.zeros([G_P], tl.float32)
+    n_tot = tl.zeros([G_P], tl.int32)
+    o_tot = tl.zeros([G_P, DV], tl.float32)
+    mb_tot = tl.full([G_P], float("-inf"), tl.float32)
+    lb_tot = tl.zeros([G_P], tl.float32)
+    s0 = 0
+    while s0 < count:
+        sp = s0 + offs_s
+        sl = first + sp
+        msk = (sp < count)[:, None] & g_ok[None, :]                          # [SC, G_P]
+        m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
+                      other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(ws_ml_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :], mask=msk,
+                      other=0.0, cache_modifier=".cg")
+        c_s = tl.load(ws_cnt_ptr + sl[:, None] * G + offs_gp[None, :], mask=msk, other=0,
+                      cache_modifier=".cg")
+        a_s = tl.load(ws_acc_ptr + (sl[:, None, None] * G + offs_gp[None, :, None]) * DV
+                      + offs_dv[None, None, :], mask=msk[:, :, None], other=0.0,
+                      cache_modifier=".cg")
+        m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_tot - m_use) * C)
+        w_s = tl.exp2((m_s - m_use[None, :]) * C)                            # [SC, G_P]
+        l_tot = l_tot * alpha + tl.sum(l_s * w_s, axis=0)
+        o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
+        n_tot += tl.sum(c_s, axis=0)
+        m_tot = m_new
+        if BELOW:
+            mb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
+                           other=float("-inf"), cache_modifier=".cg")
+            lb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :],
+                           mask=msk, other=0.0, cache_modifier=".cg")
+            mb_new = tl.maximum(mb_tot, tl.max(mb_s, axis=0))
+            mb_use = tl.where(mb_new == float("-inf"), 0.0, mb_new)
+            lb_tot = (lb_tot * tl.exp2((mb_tot - mb_use) * C)
+                      + tl.sum(lb_s * tl.exp2((mb_s - mb_use[None, :]) * C), axis=0))
+            mb_tot = mb_new
+        s0 += SPLIT_CHUNK
+    return m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot
+
+
+@triton.jit
+def _store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, slot, m, l_sum, n, o, mb, lb,
+                   G: tl.constexpr, G_P: tl.constexpr, DV: tl.constexpr, BELOW: tl.constexpr):
+    """A merged (m, l, count, acc, below m, below l) written as the partial of ``slot``."""
+    offs_gp = tl.arange(0, G_P)
+    offs_dv = tl.arange(0, DV)
+    g_ok = offs_gp < G
+    tl.store(ws_ml_ptr + (slot * 2) * G + offs_gp, m, mask=g_ok)
+    tl.store(ws_ml_ptr + (slot * 2 + 1) * G + offs_gp, l_sum, mask=g_ok)
+    tl.store(ws_cnt_ptr + slot * G + offs_gp, n, mask=g_ok)
+    tl.store(ws_acc_ptr + (slot * G + offs_gp[:, None]) * DV + offs_dv[None, :], o,
+             mask=g_ok[:, None])
+    if BELOW:
+        tl.store(ws_bl_ptr + (slot * 2) * G + offs_gp, mb, mask=g_ok)
+        tl.store(ws_bl_ptr + (slot * 2 + 1) * G + offs_gp, lb, mask=g_ok)
+
+
 # Scalars that change from call to call are not specialized (no recompilation when one happens
 # to be 1 or a multiple of 16); strides stay specialized (16-byte vector loads need them).
 @triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c"])
@@ -137,13 +212,15 @@ def _sparse_attention_kernel(
     G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
     DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
-    MIN_BLOCKS: tl.constexpr, HKV_P: tl.constexpr,
+    MIN_BLOCKS: tl.constexpr, HKV_P: tl.constexpr, MERGE_GROUP: tl.constexpr,
 ):
     prog = tl.program_id(0)
     # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32
     # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head); one slot
-    # per program of the grid
-    n_slots = tl.num_programs(0)
+    # per program of the grid, then one per program again for the group partials of the
+    # two-level merge
+    n_prog = tl.num_programs(0)
+    n_slots = 2 * n_prog
     ws_ml_ptr = ws_ptr
     ws_acc_ptr = ws_ptr + n_slots * (2 * G)
     ws_cnt_ptr = (ws_acc_ptr + n_slots * (G * DV)).to(tl.pointer_type(tl.int32), bitcast=True)
@@ -174,7 +251,7 @@ def _sparse_attention_kernel(
     # candidates gets many programs: every head gets at least one split (its outputs are
     # written even when its list is empty), at most one per MIN_BLOCKS blocks; programs left
     # over exit at once, and each head's merge reads only its own splits' partials
-    budget = (n_slots - num_kv).to(tl.int64)
+    budget = (n_prog - num_kv).to(tl.int64)
     share = (budget * blocks_h) // tl.maximum(tl.sum(blocks_h.to(tl.int64), axis=0), 1)
     act_h = tl.where(h_ok, tl.minimum(1 + share.to(tl.int32),
                                       tl.maximum(tl.cdiv(blocks_h, MIN_BLOCKS), 1)), 0)
@@ -345,55 +422,42 @@ def _sparse_attention_kernel(
             tl.store(ws_bl_ptr + (slot * 2) * G + g, mb_g)
             tl.store(ws_bl_ptr + (slot * 2 + 1) * G + g, tl.sum(lbs[g] * wb, axis=0))
 
-    # every thread's stores are ordered before the ticket (CTA barrier + release at GPU scope)
+    # Merge: every thread's stores are ordered before a ticket (CTA barrier + release at GPU
+    # scope). With at most MERGE_GROUP programs the last arrival merges them; with more, the
+    # last arrival of each group of MERGE_GROUP consecutive programs merges its group into a
+    # group partial, and the last of those merges the group partials: two short merges on the
+    # critical path instead of one long one (a head with many candidates gets many programs).
     tl.debug_barrier()
-    ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
-    if ticket == active - 1:
-        # Last arrival: merge the active partials of this KV head, all G heads at once
-        # (one pass, online max; partials are read from L2: .cg).
-        offs_s = tl.arange(0, SPLIT_CHUNK)
+    n_grp = tl.cdiv(active, MERGE_GROUP)
+    src = slot0
+    n_src = active
+    if n_grp > 1:
+        grp = split // MERGE_GROUP
+        g_cnt = tl.minimum(MERGE_GROUP, active - grp * MERGE_GROUP)
+        t_grp = tl.atomic_add(counter_ptr + num_kv + slot0 + grp, 1, sem="acq_rel", scope="gpu")
+        last = False
+        if t_grp == g_cnt - 1:
+            tl.atomic_xchg(counter_ptr + num_kv + slot0 + grp, 0, sem="relaxed", scope="gpu")
+            m_t, l_t, n_t, o_t, mb_t, lb_t = _merge_partials(
+                ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, slot0 + grp * MERGE_GROUP, g_cnt,
+                C, G, G_P, DV, SPLIT_CHUNK, BELOW)
+            _store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, n_prog + slot0 + grp,
+                           m_t, l_t, n_t, o_t, mb_t, lb_t, G, G_P, DV, BELOW)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
+            last = ticket == n_grp - 1
+        src = n_prog + slot0
+        n_src = n_grp
+    else:
+        ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
+        last = ticket == active - 1
+    if last:
+        m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot = _merge_partials(
+            ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, src, n_src, C, G, G_P, DV,
+            SPLIT_CHUNK, BELOW)
         offs_gp = tl.arange(0, G_P)
         offs_dv = tl.arange(0, DV)
         g_ok = offs_gp < G
-        m_tot = tl.full([G_P], float("-inf"), tl.float32)
-        l_tot = tl.zeros([G_P], tl.float32)
-        n_tot = tl.zeros([G_P], tl.int32)
-        o_tot = tl.zeros([G_P, DV], tl.float32)
-        mb_tot = tl.full([G_P], float("-inf"), tl.float32)
-        lb_tot = tl.zeros([G_P], tl.float32)
-        s0 = 0
-        while s0 < active:
-            sp = s0 + offs_s
-            sl = slot0 + sp
-            msk = (sp < active)[:, None] & g_ok[None, :]                     # [SC, G_P]
-            m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
-                          other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(ws_ml_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :], mask=msk,
-                          other=0.0, cache_modifier=".cg")
-            c_s = tl.load(ws_cnt_ptr + sl[:, None] * G + offs_gp[None, :], mask=msk, other=0,
-                          cache_modifier=".cg")
-            a_s = tl.load(ws_acc_ptr + (sl[:, None, None] * G + offs_gp[None, :, None]) * DV
-                          + offs_dv[None, None, :], mask=msk[:, :, None], other=0.0,
-                          cache_modifier=".cg")
-            m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2((m_tot - m_use) * C)
-            w_s = tl.exp2((m_s - m_use[None, :]) * C)                        # [SC, G_P]
-            l_tot = l_tot * alpha + tl.sum(l_s * w_s, axis=0)
-            o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
-            n_tot += tl.sum(c_s, axis=0)
-            m_tot = m_new
-            if BELOW:
-                mb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
-                               other=float("-inf"), cache_modifier=".cg")
-                lb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :],
-                               mask=msk, other=0.0, cache_modifier=".cg")
-                mb_new = tl.maximum(mb_tot, tl.max(mb_s, axis=0))
-                mb_use = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-                lb_tot = (lb_tot * tl.exp2((mb_tot - mb_use) * C)
-                          + tl.sum(lb_s * tl.exp2((mb_s - mb_use[None, :]) * C), axis=0))
-                mb_tot = mb_new
-            s0 += SPLIT_CHUNK
         has = l_tot > 0.0
         l_safe = tl.where(has, l_tot, 1.0)
         qh = kh * G + offs_gp
@@ -511,6 +575,7 @@ def sparse_attention(
     num_splits: int | None = None,
     min_blocks: int = 4,
     grid_per_sm: int = 2,
+    merge_group: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholded attention over candidates plus the recent buffer, for one decode step.
 
@@ -562,6 +627,9 @@ def sparse_attention(
             on an H200 (synthetic, every candidate attended, 128k keys, 3-30 % candidates:
             e.g. 32/8/128 at 10 %: 52 against 71 us for 4 per SM; before the heads shared
             the grid, 4 per SM had been faster on real, skewed queries).
+        merge_group: programs per group of the two-level merge (a KV head with more programs
+            merges them in groups first); default: as many partials as one merge step loads
+            (8192 / (G_P * Dv)).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -656,7 +724,8 @@ def sparse_attention(
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
-    for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm)):
+    for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm),
+                    ("merge_group", 1 if merge_group is None else merge_group)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
@@ -700,14 +769,18 @@ def sparse_attention(
                                 -(-blocks_max // min_blocks)))
 
     below = below_lse is not None
-    workspace = torch.empty(hkv * num_splits * g * (dv + (5 if below else 3)),
+    # two slots per program (its partial, a group partial), per-KV-head tickets + per-group
+    # tickets (see the kernel's merge)
+    n_prog = hkv * num_splits
+    workspace = torch.empty(2 * n_prog * g * (dv + (5 if below else 3)),
                             dtype=torch.float32, device=device)
-    counters = _COUNTERS.get(device, hkv)
+    counters = _COUNTERS.get(device, hkv + n_prog)
     g_p = next_pow2(g)
+    split_chunk = max(1, 8192 // (g_p * dv))
 
     pos_arg = cand_pos if sparse else tau
     cnt_arg = cand_count if sparse else tau
-    _sparse_attention_kernel[(hkv * num_splits,)](
+    _sparse_attention_kernel[(n_prog,)](
         q, keys, values, tau,
         pos_arg, cnt_arg,
         de_t if de_t is not None else tau,
@@ -723,10 +796,10 @@ def sparse_attention(
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         cand_pos.stride(0) if cand_pos is not None else 0,
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
-        G_P=g_p, SPLIT_CHUNK=max(1, 8192 // (g_p * dv)), SPARSE=sparse,
+        G_P=g_p, SPLIT_CHUNK=split_chunk, SPARSE=sparse,
         DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert, MIN_BLOCKS=min_blocks,
-        HKV_P=next_pow2(hkv),
+        HKV_P=next_pow2(hkv), MERGE_GROUP=split_chunk if merge_group is None else merge_group,
         num_warps=num_warps, num_stages=1,
     )
     return out, lse, num_attended

@@ -242,9 +242,11 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     _check_below(below, want, seed)
 
 
-@pytest.mark.parametrize("hkv,num_splits,min_blocks", [(4, 1, 4), (4, 4, 4), (4, 4, 1),
-                                                       (3, 4, 1)])
-def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int) -> None:
+@pytest.mark.parametrize("hkv,num_splits,min_blocks,merge_group",
+                         [(4, 1, 4, None), (4, 4, 4, None), (4, 4, 1, None), (3, 4, 1, None),
+                          (4, 4, 1, 2), (3, 4, 1, 3)])
+def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int,
+                          merge_group: int | None) -> None:
     """KV heads with very different candidate counts (one heavy, one empty, one or two light)
     and the buffer: every head against the reference (the heads share the grid in proportion
     to their blocks: with min_blocks 1 the heavy head gets most of it, the empty one a single
@@ -259,18 +261,22 @@ def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int) -> None:
     below = _poisoned_below(hkv * g)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                           num_splits=num_splits, min_blocks=min_blocks, below_lse=below)
+                           num_splits=num_splits, min_blocks=min_blocks, below_lse=below,
+                           merge_group=merge_group)
     _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
     _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=n_idx // 2,
                            buffer_start=bs, buffer_end=be, num_splits=num_splits,
-                           min_blocks=min_blocks)
+                           min_blocks=min_blocks, merge_group=merge_group)
     _check(got, _reference(q, keys, values, tau, 0.125, None, n_idx // 2, bs, be), seed)
 
 
-def test_merge_over_split_chunks() -> None:
+@pytest.mark.parametrize("merge_group", [None, 1, 2, 3])
+def test_merge_over_split_chunks(merge_group: int | None) -> None:
     """G * Dv large enough that the last program merges the partials in several chunks of
-    splits; key norms grow with the position, so later chunks tend to hold the maxima."""
+    splits; key norms grow with the position, so later chunks tend to hold the maxima. With
+    merge_group, the two-level merge: groups of that many programs (the last one partial)
+    merged first, then the group partials, one chunk or several."""
     gen, seed = _gen()
     hkv, g, d, dv = 1, 8, 64, 256     # 8192 // (G * Dv) = 4 splits per merge chunk
     hq = hkv * g
@@ -290,7 +296,8 @@ def test_merge_over_split_chunks() -> None:
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
                                out=out, lse=lse, num_attended=cnt, below_lse=below,
-                               num_splits=splits if not CUDA else 8 * splits, min_blocks=1)
+                               num_splits=splits if not CUDA else 8 * splits, min_blocks=1,
+                               merge_group=merge_group)
         _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
         _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
 
@@ -512,16 +519,19 @@ def test_repeated_launches_reuse_counters() -> None:
     want = _reference(q, keys, values, tau, 0.08, cand, 0, bs, be)
     want_b = _reference_below(q, keys, tau, 0.08, cand, 0)
     # launches with and without below_lse (different workspace layouts) interleaved
-    plan = [(3, True), (1, False), (5, True), (None, False), (None, True)]
+    # (splits, below_lse, merge_group): the two-level merge's group tickets too
+    plan = [(3, True, None), (1, False, None), (5, False, 2), (4, True, 1), (5, True, None),
+            (None, False, None), (None, True, None)]
+    checked = len(plan)
     if CUDA:
-        plan += [(None, it % 2 == 0) for it in range(40)]
+        plan += [(None, it % 2 == 0, None) for it in range(40)]
     first: dict[bool, list[torch.Tensor]] = {}
-    for it, (splits, with_below) in enumerate(plan):
+    for it, (splits, with_below, group) in enumerate(plan):
         below = _poisoned_below(hq) if with_below else None
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.08, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
-                               num_splits=splits, below_lse=below)
-        if it < 5:
+                               num_splits=splits, below_lse=below, merge_group=group)
+        if it < checked:
             _check(got, want, seed)
             if below is not None:
                 _check_below(below, want_b, seed)
@@ -573,6 +583,7 @@ def _valid_args() -> dict:
     (dict(below_lse=torch.zeros(8)[::2]), "below_lse must be contiguous"),
     (dict(num_splits=0), "num_splits"),
     (dict(min_blocks=0), "min_blocks"),
+    (dict(merge_group=0), "merge_group"),
     (dict(grid_per_sm=True), "grid_per_sm"),
     (dict(buffer_end=torch.zeros(2, dtype=torch.int32)), "one int32/int64 element"),
 ])
