@@ -54,10 +54,14 @@ class CounterPool:
     at zero when it ends; a buffer is zero at creation. Launches on one stream are ordered, so
     they never share a counter concurrently; launches on different streams use different
     buffers. Each launcher module owns its own pool.
+
+    A buffer that is outgrown is replaced by a larger one but kept alive: a CUDA graph recorded
+    with it still points at it (a graph does not own the tensors it reads).
     """
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[int, int], torch.Tensor] = {}
+        self._retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
         """int32 [>= max(n, 64)] counters on ``device`` for its current stream."""
@@ -65,7 +69,10 @@ class CounterPool:
         key = (dev_id, _current_stream(dev_id))
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
-            buf = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+            if buf is not None:
+                self._retired.append(buf)
+            size = max(n, 64, 2 * buf.numel() if buf is not None else 0)
+            buf = torch.zeros(size, dtype=torch.int32, device=device)
             self._bufs[key] = buf
         return buf
 

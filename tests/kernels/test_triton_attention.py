@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import Any
 
 import pytest
 import torch
 
 from louver_kernels import reference as ref
+from louver_kernels.triton._launch import CounterPool
 from louver_kernels.triton.attention import sparse_attention
 
 CUDA = torch.cuda.is_available()
@@ -542,6 +544,20 @@ def test_repeated_launches_reuse_counters() -> None:
             else:
                 same = all(torch.equal(a, b) for a, b in zip(first[with_below], res, strict=True))
                 assert same, f"seed={seed} it={it}"
+
+
+def test_counter_pool_keeps_outgrown_buffers() -> None:
+    """The attention's counters grow with its grid (a ticket per program for the two-level
+    merge): an outgrown buffer is replaced by a zeroed larger one and kept alive, because a CUDA
+    graph recorded with it still reads it."""
+    pool = CounterPool()
+    small = pool.get(DEVICE, 10)
+    alive = weakref.ref(small)
+    del small
+    big = pool.get(DEVICE, 1000)
+    assert big.numel() >= 1000 and int(big.abs().sum().item()) == 0
+    assert alive() is not None
+    assert pool.get(DEVICE, 5) is big
 
 
 # ----------------------------------------------------------------------------------------------
