@@ -316,15 +316,15 @@ class LouverIndex:
         start, end = self.num_indexed, self.num_keys
         if end <= start:
             return
-        k = self._keys[:, start:end]
-        if not self.uses_triton:   # the Triton encoder raises _kmax itself (no synchronization)
-            self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
-        published = False
-        if self.config.kind is IndexKind.BALLS:
-            self._encode_balls(k, start, end)
-        else:
-            published = captured and self._replay_flush(start, end)   # publishes num_indexed
-            if not published:
+        # the replay (Triton backend only) publishes num_indexed itself and needs no key view
+        published = captured and self._replay_flush(start, end)
+        if not published:
+            k = self._keys[:, start:end]
+            if not self.uses_triton:   # the Triton encoder raises _kmax itself (no sync)
+                self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
+            if self.config.kind is IndexKind.BALLS:
+                self._encode_balls(k, start, end)
+            else:
                 self._encode_quant(k, start, end)
         self.num_indexed = end
         self.num_flushes += 1
