@@ -3,8 +3,9 @@
 For (Hq, Hkv, D) in {(9, 3, 64), (32, 8, 128)} and N in {4k, 32k, 128k} keys (float16, the
 last 256 positions form the recent buffer):
 
-- dense mode (every key, tau = -inf) against F.scaled_dot_product_attention (GQA, q as
-  [1, Hq, 1, D]), the strongest plain baseline for one decode step;
+- dense_attention (every key) against F.scaled_dot_product_attention (GQA, q as
+  [1, Hq, 1, D]), the strongest plain baseline for one decode step (``--dense-sweep``: only
+  a sweep of dense_attention's launch parameters);
 - sparse mode at candidate fractions 2 / 5 / 10 / 20 % (random sorted positions per KV head,
   tau = -inf so every candidate is attended: the most bytes a sparse call moves).
 
@@ -15,7 +16,7 @@ whose total exceeds the L2 several times, so small N is not served from cache. B
 bytes the kernel must move (K and V rows of the attended keys, candidate ids, outputs) over time,
 next to a measured device-to-device copy (bytes read + written).
 
-Usage: python benchmarks/bench_attention_gpu.py --out results.json [--quick]
+Usage: python benchmarks/bench_attention_gpu.py --out results.json [--quick | --dense-sweep]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def _copies(bytes_per_set: int) -> int:
 def bench_config(hq: int, hkv: int, d: int, n: int, copy_bw: float, quick: bool
                  ) -> list[dict[str, Any]]:
     from louver_kernels.triton.attention import sparse_attention
+    from louver_kernels.triton.dense_attention import dense_attention
 
     dtype = torch.float16
     dv = d
@@ -139,8 +141,8 @@ def bench_config(hq: int, hkv: int, d: int, n: int, copy_bw: float, quick: bool
 
     def dense() -> None:
         s = rot.next()
-        sparse_attention(s["q"], s["keys"], s["values"], tau, scale=scale, buffer_start=bs,
-                         buffer_end=be, out=out, lse=lse, num_attended=cnt)
+        dense_attention(s["q"], s["keys"], s["values"], scale=scale, end=be, out=out, lse=lse,
+                        num_attended=cnt)
 
     sdpa_in = [(s["q"].view(1, hq, 1, d), s["keys"].view(1, hkv, n, d),
                 s["values"].view(1, hkv, n, dv)) for s in sets]
@@ -175,10 +177,70 @@ def bench_config(hq: int, hkv: int, d: int, n: int, copy_bw: float, quick: bool
     return rows
 
 
+SWEEP = dict(block_n=(16, 32), num_stages=(2, 3, 4), num_warps=(1, 2))
+SWEEP_GRID = (4, 8, 12, 16, 24, 32)
+
+
+def sweep_dense(hq: int, hkv: int, d: int, n: int, copy_bw: float) -> list[dict[str, Any]]:
+    """dense_attention's launch parameters at one shape (graph replay, float16): every
+    (block_n, num_stages, num_warps) at grid_per_sm 8, then grid_per_sm and p_split at the
+    fastest; SDPA in the same run."""
+    import itertools
+
+    from louver_kernels.triton.dense_attention import dense_attention
+
+    scale = 1.0 / math.sqrt(d)
+    kv_bytes = 2 * hkv * n * 2 * d
+    copies = _copies(kv_bytes)
+    gen = torch.Generator(device="cuda").manual_seed(n + d)
+    sets = [dict(q=torch.randn(hq, d, device="cuda", dtype=torch.float16, generator=gen),
+                 keys=torch.randn(hkv, n, d, device="cuda", dtype=torch.float16, generator=gen),
+                 values=torch.randn(hkv, n, d, device="cuda", dtype=torch.float16,
+                                    generator=gen)) for _ in range(copies)]
+    out = torch.empty(hq, d, device="cuda")
+    lse = torch.empty(hq, device="cuda")
+    cnt = torch.empty(hq, dtype=torch.int32, device="cuda")
+    rot_sdpa = Rotation([dict(x=(s["q"].view(1, hq, 1, d), s["keys"].view(1, hkv, n, d),
+                                 s["values"].view(1, hkv, n, d))) for s in sets])
+
+    def sdpa() -> None:
+        qq, kk, vv = rot_sdpa.next()["x"]
+        F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True, scale=scale)
+
+    sdpa_us = _graph_ms(sdpa, copies) * 1e3
+    rows: list[dict[str, Any]] = []
+
+    def run(**kw: Any) -> float:
+        rot = Rotation(sets)
+
+        def fn() -> None:
+            s = rot.next()
+            dense_attention(s["q"], s["keys"], s["values"], scale=scale, end=n, out=out,
+                            lse=lse, num_attended=cnt, **kw)
+        us = _graph_ms(fn, copies) * 1e3
+        rows.append(dict(hq=hq, hkv=hkv, d=d, n=n, **kw, graph_us=us, sdpa_graph_us=sdpa_us,
+                         frac_of_copy_bw=(kv_bytes / (us * 1e-6)) / copy_bw))
+        print(f"{hq}/{hkv}/{d} n={n} {kw} {us:.1f} us (sdpa {sdpa_us:.1f}), "
+              f"{100 * rows[-1]['frac_of_copy_bw']:.0f} % of copy", flush=True)
+        return us
+
+    best = min(itertools.product(*SWEEP.values()),
+               key=lambda c: run(**dict(zip(SWEEP, c, strict=True)), grid_per_sm=8))
+    cfg = dict(zip(SWEEP, best, strict=True))
+    for gps in SWEEP_GRID:
+        run(**cfg, grid_per_sm=gps)
+    run(**cfg, grid_per_sm=8, p_split=False)
+    sets.clear()
+    torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path of the JSON results")
     parser.add_argument("--quick", action="store_true", help="fewer fractions (smoke run)")
+    parser.add_argument("--dense-sweep", action="store_true",
+                        help="only sweep dense_attention's launch parameters at 32k and 128k")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -194,6 +256,14 @@ def main() -> int:
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}; device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows: list[dict[str, Any]] = []
+    if args.dense_sweep:
+        for hq, hkv, d in CONFIGS:
+            for n in SIZES[1:]:
+                rows.extend(sweep_dense(hq, hkv, d, n, copy_bw))
+        with open(args.out, "w") as f:
+            json.dump(dict(hardware=hw, dtype="float16", sweep=rows,
+                           seconds=time.time() - t0), f, indent=1)
+        return 0
     for hq, hkv, d in CONFIGS:
         for n in SIZES:
             rows.extend(bench_config(hq, hkv, d, n, copy_bw, args.quick))

@@ -13,6 +13,7 @@ functions).
 
     python -m benchmarks.sass filter --shape 32/8/128
     python -m benchmarks.sass attention --shape 9/3/64 --lines
+    python -m benchmarks.sass dense --shape 32/8/128
     python -m benchmarks.sass filter --json          # machine-readable (tests/kernels/test_sass.py)
 """
 
@@ -216,7 +217,22 @@ def attention_launch(hq: int, hkv: int, d: int, cap: int = 1 << 17) -> Launch:
     return launches[0]
 
 
-KERNELS = {"filter": filter_launch, "attention": attention_launch}
+def dense_launch(hq: int, hkv: int, d: int, cap: int = 1 << 17) -> Launch:
+    """The dense step's split-K pass (fp16 K/V, end read on the device); its merge launch is
+    recorded too but not returned."""
+    from louver_kernels.triton import dense_attention as da
+
+    e = torch.empty
+    with recording(da, "_dense_attention_kernel") as launches, \
+            recording(da, "_dense_merge_kernel"):
+        da.dense_attention(
+            e(hq, d, dtype=torch.float16), e(hkv, cap, d, dtype=torch.float16),
+            e(hkv, cap, d, dtype=torch.float16), scale=d ** -0.5,
+            end=torch.zeros(1, dtype=torch.int32))
+    return launches[0]
+
+
+KERNELS = {"filter": filter_launch, "attention": attention_launch, "dense": dense_launch}
 
 
 def main() -> None:

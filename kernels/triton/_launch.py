@@ -6,14 +6,16 @@ Host code only; the device-side helpers shared by the kernels are in _device.py.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
 import torch
 import triton
 
-__all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_code_layout",
-           "check_device_scalar", "check_int", "interpreted", "next_pow2", "num_sms"]
+__all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_attention_inputs", "check_bound",
+           "check_code_layout", "check_device_scalar", "check_int", "check_out", "interpreted",
+           "next_pow2", "num_sms"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -129,6 +131,77 @@ def check_device_scalar(name: str, value: torch.Tensor, device: torch.device) ->
     if value.get_device() != _device_index(device):
         raise ValueError(f"{name} is on {value.device}, expected {device}")
     return value
+
+
+def check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
+              dtypes: tuple[torch.dtype, ...], dev_id: int) -> None:
+    """An optional preallocated output: None, or a contiguous tensor of ``shape``, one of
+    ``dtypes``, on CUDA ordinal ``dev_id`` (-1: CPU); ValueError otherwise."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor or None")
+    if tuple(t.shape) != shape or t.dtype not in dtypes or t.get_device() != dev_id:
+        raise ValueError(f"{name} must be {list(dtypes)} of shape {list(shape)} on q's device, "
+                         f"got {t.dtype} {list(t.shape)} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def check_attention_inputs(q: object, keys: object, values: object, scale: object
+                           ) -> tuple[int, int, int, int, int]:
+    """Validate the (q, keys, values, scale) of an attention launcher: q [Hq, D], keys
+    [Hkv, cap, D], values [Hkv, cap_v, Dv] on one device, float16 / bfloat16 / float32,
+    contiguous last dims, Hq a multiple of Hkv, D and Dv powers of two in [16, 512], scale a
+    finite float > 0. Returns (Hq, D, Hkv, min(cap, cap_v), Dv); ValueError otherwise."""
+    for name, t in (("q", q), ("keys", keys), ("values", values)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    assert isinstance(q, torch.Tensor) and isinstance(keys, torch.Tensor) \
+        and isinstance(values, torch.Tensor)
+    if q.dim() != 2:
+        raise ValueError(f"q must be [Hq, D], got shape {list(q.shape)}")
+    if keys.dim() != 3 or values.dim() != 3:
+        raise ValueError(f"keys and values must be [Hkv, cap, D] and [Hkv, cap, Dv], got "
+                         f"{list(keys.shape)} and {list(values.shape)}")
+    hq, d = q.shape
+    hkv, cap, dk = keys.shape
+    dv = values.shape[2]
+    for name, t in (("keys", keys), ("values", values)):
+        if t.get_device() != q.get_device():
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    for name, t in (("q", q), ("keys", keys), ("values", values)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+    if dk != d:
+        raise ValueError(f"keys head dim {dk} != q head dim {d}")
+    if values.shape[0] != hkv:
+        raise ValueError(f"values has {values.shape[0]} KV heads, keys has {hkv}")
+    if hkv < 1 or hq < 1 or hq % hkv:
+        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
+    if not (_is_pow2(d) and 16 <= d <= 512) or not (_is_pow2(dv) and 16 <= dv <= 512):
+        raise ValueError(f"D={d} and Dv={dv} must be powers of two in [16, 512]")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(float(scale)) or float(scale) <= 0.0:
+        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
+    return hq, d, hkv, min(cap, values.shape[1]), dv
+
+
+def _is_pow2(x: int) -> bool:
+    return x > 0 and (x & (x - 1)) == 0
+
+
+def check_bound(name: str, value: int | torch.Tensor, device: torch.device
+                ) -> tuple[int, torch.Tensor | None]:
+    """Validate a position bound: a Python int or a 1-element integer tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return 0, check_device_scalar(name, value, device)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int or a 1-element integer tensor, got "
+                         f"{type(value).__name__}")
+    return value, None
 
 
 def check_int(name: str, value: object, lo: int, hi: int) -> int:

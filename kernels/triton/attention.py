@@ -23,10 +23,10 @@ decode step a launch.
 Work decomposition ("flash-decoding")
 -------------------------------------
 For KV head ``kh`` the kernel walks a *virtual candidate list* of T = C + B entries: the C
-candidate positions (``cand_pos[kh, :cand_count[kh]]`` in sparse mode, ``0 .. dense_end-1`` in
-dense mode), filtered by tau, followed by the B = buffer_end - buffer_start buffer positions,
-attended unconditionally. The list is cut into blocks of BLOCK_N entries and the blocks into
-contiguous ranges (splits), one program per (KV head, split). The grid is one-dimensional and
+candidate positions ``cand_pos[kh, :cand_count[kh]]``, filtered by tau, followed by the
+B = buffer_end - buffer_start buffer positions, attended unconditionally. The list is cut into
+blocks of BLOCK_N entries and the blocks into contiguous ranges (splits), one program per
+(KV head, split). The grid is one-dimensional and
 sized by the launcher for the most work (maxC, or the capacity when counts are read on the
 device); every program reads all KV heads' counts and works out the same assignment: head kh gets
 1 + floor((P - Hkv) * blocks_kh / sum of blocks) of the P programs, at most
@@ -71,15 +71,14 @@ zero by every launch. Launches on one stream are ordered, so they never share a 
 concurrently; launches on different streams use different counters.
 
 No host synchronization, no ``.item()``, no data-dependent control flow on the host: the grid
-depends only on shapes (maxC, cap) and on Python ints. ``dense_end``, ``buffer_start`` and
-``buffer_end`` may be device tensors (read in the kernel), which makes the launch capturable once
+depends only on shapes (maxC, cap) and on Python ints. ``buffer_start`` and ``buffer_end`` may
+be device tensors (read in the kernel), which makes the launch capturable once
 in a CUDA graph and replayable at every decode step.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import no_type_check
 
 import torch
@@ -88,11 +87,18 @@ import triton.language as tl
 
 from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import (
-    FLOAT_DTYPES,
     CounterPool,
-    check_device_scalar,
+    check_attention_inputs,
+    check_bound,
+    check_out,
     next_pow2,
     num_sms,
+)
+from louver_kernels.triton._splitk import (
+    merge_partials,
+    store_outputs,
+    store_partial,
+    workspace_ptrs,
 )
 
 __all__ = ["sparse_attention"]
@@ -104,113 +110,39 @@ __all__ = ["sparse_attention"]
 
 
 @triton.jit
-def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
-                BLOCK_N: tl.constexpr, SPARSE: tl.constexpr):
+def _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start, BLOCK_N: tl.constexpr):
     """Positions of block ``blk`` of the virtual list: (pos int64, row valid, is candidate).
 
     Rows of a block at or beyond ``blk_hi`` are invalid (their loads are masked off)."""
     idx = blk * BLOCK_N + offs_n
     live = (idx < total) & (blk < blk_hi)
     is_cand = idx < n_cand
-    if SPARSE:
-        pos = tl.load(c_base + idx, mask=is_cand & live, other=0)
-    else:
-        pos = idx
+    pos = tl.load(c_base + idx, mask=is_cand & live, other=0)
     pos = tl.where(is_cand, pos, b_start + (idx - n_cand))
     # candidates outside [0, buffer_start) (a caller bug) are skipped, never read
     row_ok = live & tl.where(is_cand, (pos >= 0) & (pos < b_start), True)
     return pos.to(tl.int64), row_ok, is_cand
 
 
-@triton.jit
-def _merge_partials(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, first, count, C,
-                    G: tl.constexpr, G_P: tl.constexpr, DV: tl.constexpr,
-                    SPLIT_CHUNK: tl.constexpr, BELOW: tl.constexpr):
-    """The partials in slots [first, first + count), merged for all G heads at once (one pass,
-    online max, SPLIT_CHUNK slots per load; read from L2: .cg): (m, l, count, acc, below m,
-    below l), acc and l relative to m (as a partial)."""
-    offs_s = tl.arange(0, SPLIT_CHUNK)
-    offs_gp = tl.arange(0, G_P)
-    offs_dv = tl.arange(0, DV)
-    g_ok = offs_gp < G
-    m_tot = tl.full([G_P], float("-inf"), tl.float32)
-    l_tot = tl.zeros([G_P], tl.float32)
-    n_tot = tl.zeros([G_P], tl.int32)
-    o_tot = tl.zeros([G_P, DV], tl.float32)
-    mb_tot = tl.full([G_P], float("-inf"), tl.float32)
-    lb_tot = tl.zeros([G_P], tl.float32)
-    s0 = 0
-    while s0 < count:
-        sp = s0 + offs_s
-        sl = first + sp
-        msk = (sp < count)[:, None] & g_ok[None, :]                          # [SC, G_P]
-        m_s = tl.load(ws_ml_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
-                      other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(ws_ml_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :], mask=msk,
-                      other=0.0, cache_modifier=".cg")
-        c_s = tl.load(ws_cnt_ptr + sl[:, None] * G + offs_gp[None, :], mask=msk, other=0,
-                      cache_modifier=".cg")
-        a_s = tl.load(ws_acc_ptr + (sl[:, None, None] * G + offs_gp[None, :, None]) * DV
-                      + offs_dv[None, None, :], mask=msk[:, :, None], other=0.0,
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m_tot, tl.max(m_s, axis=0))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2((m_tot - m_use) * C)
-        w_s = tl.exp2((m_s - m_use[None, :]) * C)                            # [SC, G_P]
-        l_tot = l_tot * alpha + tl.sum(l_s * w_s, axis=0)
-        o_tot = o_tot * alpha[:, None] + tl.sum(a_s * w_s[:, :, None], axis=0)
-        n_tot += tl.sum(c_s, axis=0)
-        m_tot = m_new
-        if BELOW:
-            mb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2) * G + offs_gp[None, :], mask=msk,
-                           other=float("-inf"), cache_modifier=".cg")
-            lb_s = tl.load(ws_bl_ptr + (sl[:, None] * 2 + 1) * G + offs_gp[None, :],
-                           mask=msk, other=0.0, cache_modifier=".cg")
-            mb_new = tl.maximum(mb_tot, tl.max(mb_s, axis=0))
-            mb_use = tl.where(mb_new == float("-inf"), 0.0, mb_new)
-            lb_tot = (lb_tot * tl.exp2((mb_tot - mb_use) * C)
-                      + tl.sum(lb_s * tl.exp2((mb_s - mb_use[None, :]) * C), axis=0))
-            mb_tot = mb_new
-        s0 += SPLIT_CHUNK
-    return m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot
-
-
-@triton.jit
-def _store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, slot, m, l_sum, n, o, mb, lb,
-                   G: tl.constexpr, G_P: tl.constexpr, DV: tl.constexpr, BELOW: tl.constexpr):
-    """A merged (m, l, count, acc, below m, below l) written as the partial of ``slot``."""
-    offs_gp = tl.arange(0, G_P)
-    offs_dv = tl.arange(0, DV)
-    g_ok = offs_gp < G
-    tl.store(ws_ml_ptr + (slot * 2) * G + offs_gp, m, mask=g_ok)
-    tl.store(ws_ml_ptr + (slot * 2 + 1) * G + offs_gp, l_sum, mask=g_ok)
-    tl.store(ws_cnt_ptr + slot * G + offs_gp, n, mask=g_ok)
-    tl.store(ws_acc_ptr + (slot * G + offs_gp[:, None]) * DV + offs_dv[None, :], o,
-             mask=g_ok[:, None])
-    if BELOW:
-        tl.store(ws_bl_ptr + (slot * 2) * G + offs_gp, mb, mask=g_ok)
-        tl.store(ws_bl_ptr + (slot * 2 + 1) * G + offs_gp, lb, mask=g_ok)
-
-
 # Scalars that change from call to call are not specialized (no recompilation when one happens
 # to be 1 or a multiple of 16); strides stay specialized (16-byte vector loads need them).
-@triton.jit(do_not_specialize=["dense_end", "buf_start", "buf_end", "cap", "max_c"])
+@triton.jit(do_not_specialize=["buf_start", "buf_end", "cap", "max_c"])
 @no_type_check  # Triton code: tuples grow per head, which mypy cannot follow
 def _sparse_attention_kernel(
     q_ptr, k_ptr, v_ptr, tau_ptr,
     cand_pos_ptr, cand_count_ptr,
-    dense_end_ptr, buf_start_ptr, buf_end_ptr,
+    buf_start_ptr, buf_end_ptr,
     ws_ptr, counter_ptr,
     out_ptr, lse_ptr, natt_ptr, below_ptr,
     pruned_ptr, dropped_ptr, ncand_ptr,
     scale,
-    dense_end, buf_start, buf_end,
+    buf_start, buf_end,
     cap, max_c, num_kv,
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, stride_ch,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, R: tl.constexpr, CK: tl.constexpr, CV: tl.constexpr,
-    G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr, SPARSE: tl.constexpr,
-    DENSE_END_ON_DEVICE: tl.constexpr, BUF_START_ON_DEVICE: tl.constexpr,
+    G_P: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
     MIN_BLOCKS: tl.constexpr, HKV_P: tl.constexpr, MERGE_GROUP: tl.constexpr,
 ):
@@ -220,11 +152,7 @@ def _sparse_attention_kernel(
     # per program of the grid, then one per program again for the group partials of the
     # two-level merge
     n_prog = tl.num_programs(0)
-    n_slots = 2 * n_prog
-    ws_ml_ptr = ws_ptr
-    ws_acc_ptr = ws_ptr + n_slots * (2 * G)
-    ws_cnt_ptr = (ws_acc_ptr + n_slots * (G * DV)).to(tl.pointer_type(tl.int32), bitcast=True)
-    ws_bl_ptr = ws_acc_ptr + n_slots * (G * DV + G)
+    ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr = workspace_ptrs(ws_ptr, 2 * n_prog, G, DV)
     LOG2E: tl.constexpr = 1.4426950408889634
     NR: tl.constexpr = BLOCK_N // R
     C = scale * LOG2E  # the running maxima m are raw scores; weights are exp2((s - m) * C)
@@ -239,12 +167,8 @@ def _sparse_attention_kernel(
     b_end = tl.minimum(tl.maximum(b_end, b_start), cap)
     offs_h = tl.arange(0, HKV_P)
     h_ok = offs_h < num_kv
-    if SPARSE:
-        n_cand_h = tl.load(cand_count_ptr + offs_h, mask=h_ok, other=0).to(tl.int32)
-        n_cand_h = tl.minimum(tl.maximum(n_cand_h, 0), max_c)
-    else:
-        n_cand_h = tl.zeros([HKV_P], tl.int32) + tl.minimum(
-            tl.maximum(load_scalar(dense_end_ptr, dense_end, DENSE_END_ON_DEVICE), 0), b_start)
+    n_cand_h = tl.load(cand_count_ptr + offs_h, mask=h_ok, other=0).to(tl.int32)
+    n_cand_h = tl.minimum(tl.maximum(n_cand_h, 0), max_c)
     blocks_h = tl.where(h_ok, tl.cdiv(n_cand_h + (b_end - b_start), BLOCK_N), 0)
     # the grid (sized for the most work: the capacity when counts are read on the device) is
     # shared by the KV heads in proportion to their blocks, so that a head with many
@@ -314,11 +238,11 @@ def _sparse_attention_kernel(
     # right after its scores (only rows some head attends) and consumed at iteration i+1.
     blk = blk_lo
     pos_c, ok_c, cand_c = _block_rows(c_base, blk, blk_hi, offs_n, n_cand, total, b_start,
-                                      BLOCK_N, SPARSE)
+                                      BLOCK_N)
     k_c = tl.load(k_base + pos_c[:, None, None] * stride_kn + d_k[None, :, :],
                   mask=ok_c[:, None, None], other=0.0)
     pos_n, ok_n, cand_n = _block_rows(c_base, blk + 1, blk_hi, offs_n, n_cand, total, b_start,
-                                      BLOCK_N, SPARSE)
+                                      BLOCK_N)
     v_p = tl.zeros([BLOCK_N, NCV, CV], v_ptr.dtype.element_ty)
     p_p = ()
     for _g in tl.static_range(G):
@@ -327,7 +251,7 @@ def _sparse_attention_kernel(
         k_n = tl.load(k_base + pos_n[:, None, None] * stride_kn + d_k[None, :, :],
                       mask=ok_n[:, None, None], other=0.0)
         pos_nn, ok_nn, cand_nn = _block_rows(c_base, blk + 2, blk_hi, offs_n, n_cand, total,
-                                             b_start, BLOCK_N, SPARSE)
+                                             b_start, BLOCK_N)
         # exact float32 scores of block i, the attend rule, per-lane counts
         kf = k_c.to(tl.float32)
         xs = ()
@@ -446,14 +370,14 @@ def _sparse_attention_kernel(
         src = slot0
         n_src = active
     # at most two passes through ONE call site of the merge: with two inlined copies ptxas
-    # spilled in the main loop (32/8/128 dense mode: 40 B of stack, 836 instead of 786 loop
-    # instructions; the dense step at 128k keys went from 253 to 312 us on an H200)
+    # spilled in the main loop (32/8/128, every key a candidate: 40 B of stack, 836 instead of
+    # 786 loop instructions; 128k keys went from 253 to 312 us on an H200)
     while go:
-        m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot = _merge_partials(
+        m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot = merge_partials(
             ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, src, n_src, C, G, G_P, DV,
             SPLIT_CHUNK, BELOW)
         if two:
-            _store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, n_prog + slot0 + grp,
+            store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, n_prog + slot0 + grp,
                            m_tot, l_tot, n_tot, o_tot, mb_tot, lb_tot, G, G_P, DV, BELOW)
             tl.debug_barrier()
             ticket = tl.atomic_add(counter_ptr + kh, 1, sem="acq_rel", scope="gpu")
@@ -464,16 +388,10 @@ def _sparse_attention_kernel(
         else:
             go = False
             offs_gp = tl.arange(0, G_P)
-            offs_dv = tl.arange(0, DV)
             g_ok = offs_gp < G
-            has = l_tot > 0.0
-            l_safe = tl.where(has, l_tot, 1.0)
             qh = kh * G + offs_gp
-            o = tl.where(has[:, None], o_tot / l_safe[:, None], 0.0)
-            tl.store(out_ptr + qh[:, None] * DV + offs_dv[None, :], o, mask=g_ok[:, None])
-            lse_v = tl.where(has, m_tot * scale + tl.log(l_safe), float("-inf"))
-            tl.store(lse_ptr + qh, lse_v, mask=g_ok)
-            tl.store(natt_ptr + qh, n_tot, mask=g_ok)
+            lse_v = store_outputs(out_ptr, lse_ptr, natt_ptr, qh, g_ok, m_tot, l_tot, o_tot,
+                                  n_tot, scale, DV)
             if BELOW:
                 hb = lb_tot > 0.0
                 below_v = tl.where(hb, mb_tot * scale + tl.log(tl.where(hb, lb_tot, 1.0)),
@@ -506,10 +424,6 @@ def _sparse_attention_kernel(
 _COUNTERS = CounterPool()  # per-KV-head arrival tickets
 
 
-def _is_pow2(x: int) -> bool:
-    return x > 0 and (x & (x - 1)) == 0
-
-
 @functools.lru_cache(maxsize=256)
 def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
             ) -> tuple[int, int, int, int, int]:
@@ -537,30 +451,6 @@ def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
     return block_n, r, ck, cv, num_warps
 
 
-def _bound(name: str, value: int | torch.Tensor, device: torch.device
-           ) -> tuple[int, torch.Tensor | None]:
-    """Validate a position bound: a Python int or a 1-element integer tensor on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return 0, check_device_scalar(name, value, device)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int or a 1-element integer tensor, got "
-                         f"{type(value).__name__}")
-    return value, None
-
-
-def _check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
-               dtypes: tuple[torch.dtype, ...], dev_id: int) -> None:
-    if t is None:
-        return
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor or None")
-    if tuple(t.shape) != shape or t.dtype not in dtypes or t.get_device() != dev_id:
-        raise ValueError(f"{name} must be {list(dtypes)} of shape {list(shape)} on q's device, "
-                         f"got {t.dtype} {list(t.shape)} on {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
 def sparse_attention(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -568,9 +458,8 @@ def sparse_attention(
     tau: torch.Tensor,
     *,
     scale: float,
-    cand_pos: torch.Tensor | None = None,
-    cand_count: torch.Tensor | None = None,
-    dense_end: int | torch.Tensor | None = None,
+    cand_pos: torch.Tensor,
+    cand_count: torch.Tensor,
     buffer_start: int | torch.Tensor,
     buffer_end: int | torch.Tensor,
     out: torch.Tensor | None = None,
@@ -598,15 +487,13 @@ def sparse_attention(
         values: [Hkv, cap_v, Dv] storage (cap_v >= buffer_end), float dtype as keys.
         tau: float32 [Hq], raw-score thresholds (-inf: attend every candidate).
         scale: softmax scale applied to raw scores, > 0 (usually 1/sqrt(D)).
-        cand_pos: sparse mode: int32 [Hkv, maxC], last dim contiguous. Row kh holds the union of
+        cand_pos: int32 [Hkv, maxC], last dim contiguous. Row kh holds the union of
             the candidate positions of KV head kh's query heads, all < buffer_start (ascending
             order reads best). Entries at and beyond cand_count[kh] are never read.
-        cand_count: sparse mode: int32 [Hkv], valid entries per row of cand_pos (clamped to
+        cand_count: int32 [Hkv], valid entries per row of cand_pos (clamped to
             [0, maxC] on the device).
-        dense_end: dense mode (cand_pos None): candidates are positions [0, dense_end), default
-            buffer_start; 0 <= dense_end <= buffer_start.
         buffer_start, buffer_end: the recent buffer, 0 <= buffer_start <= buffer_end <= cap.
-            dense_end, buffer_start and buffer_end may each be a Python int or a 1-element
+            buffer_start and buffer_end may each be a Python int or a 1-element
             int32/int64 tensor on q's device (read by the kernel, clamped to a valid range:
             use this to capture one CUDA graph for every decode step).
         out, lse, num_attended: optional preallocated outputs: float32 [Hq, Dv], float32 [Hq],
@@ -616,10 +503,9 @@ def sparse_attention(
             head whose float32 score s = q_h . k_n is < tau[h] (the candidates it does not
             attend; buffer keys, cand_pos entries beyond cand_count and positions outside
             [0, buffer_start) never count), -inf where there is none: the certificate's term
-            for them. In dense mode the candidates are [0, dense_end). When None (default)
-            the kernel skips this work.
+            for them. When None (default) the kernel skips this work.
         pruned_lse, dropped, num_candidates: the decode step's certificate, fused into the
-            last-arriving program (sparse mode with below_lse only; all three or none).
+            last-arriving program (with below_lse only; all three or none).
             pruned_lse: input float32 [Hq] (quant_filter's logsumexp over the non-candidates'
             bounds); dropped: output float32 [Hq] = sigmoid(logaddexp(pruned_lse, below_lse)
             - lse), computed in float64, 0 where both terms are -inf; num_candidates: output
@@ -648,87 +534,41 @@ def sparse_attention(
     Raises:
         ValueError: on any shape, dtype, device, layout or range problem of the arguments.
     """
-    for name, t in (("q", q), ("keys", keys), ("values", values), ("tau", tau)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 2:
-        raise ValueError(f"q must be [Hq, D], got shape {list(q.shape)}")
-    if keys.dim() != 3 or values.dim() != 3:
-        raise ValueError(f"keys and values must be [Hkv, cap, D] and [Hkv, cap, Dv], got "
-                         f"{list(keys.shape)} and {list(values.shape)}")
-    hq, d = q.shape
-    hkv, cap, dk = keys.shape
-    dv = values.shape[2]
+    hq, d, hkv, cap, dv = check_attention_inputs(q, keys, values, scale)
     device = q.device
     dev_id = q.get_device()
-    for name, t in (("keys", keys), ("values", values), ("tau", tau)):
-        if t.get_device() != dev_id:
-            raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    for name, t in (("q", q), ("keys", keys), ("values", values)):
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
-    if dk != d:
-        raise ValueError(f"keys head dim {dk} != q head dim {d}")
-    if values.shape[0] != hkv:
-        raise ValueError(f"values has {values.shape[0]} KV heads, keys has {hkv}")
-    if hkv < 1 or hq < 1 or hq % hkv:
-        raise ValueError(f"Hq={hq} must be a positive multiple of Hkv={hkv}")
-    if not (_is_pow2(d) and 16 <= d <= 512) or not (_is_pow2(dv) and 16 <= dv <= 512):
-        raise ValueError(f"D={d} and Dv={dv} must be powers of two in [16, 512]")
+    if not isinstance(tau, torch.Tensor):
+        raise ValueError(f"tau must be a torch.Tensor, got {type(tau).__name__}")
+    if tau.get_device() != dev_id:
+        raise ValueError(f"tau is on {tau.device} but q is on {device}")
     if tau.dtype != torch.float32 or tuple(tau.shape) != (hq,) or not tau.is_contiguous():
         raise ValueError(f"tau must be contiguous float32 [{hq}], got {tau.dtype} "
                          f"{list(tau.shape)}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(float(scale)) or float(scale) <= 0.0:
-        raise ValueError(f"scale must be a finite float > 0, got {scale!r}")
-    bs, bs_t = _bound("buffer_start", buffer_start, device)
-    be, be_t = _bound("buffer_end", buffer_end, device)
+    bs, bs_t = check_bound("buffer_start", buffer_start, device)
+    be, be_t = check_bound("buffer_end", buffer_end, device)
     if bs_t is None and be_t is None and not 0 <= bs <= be:
         raise ValueError(f"need 0 <= buffer_start <= buffer_end, got {bs}, {be}")
     if bs_t is None and bs < 0:
         raise ValueError(f"buffer_start must be >= 0, got {bs}")
-    cap = min(cap, values.shape[1])  # positions are clamped to the storage on the device
     if be_t is None and be > cap:
         raise ValueError(f"buffer_end={be} exceeds the storage (keys cap {keys.shape[1]}, "
                          f"values cap {values.shape[1]})")
 
-    sparse = cand_pos is not None
-    if sparse:
-        if cand_count is None:
-            raise ValueError("cand_pos needs cand_count")
-        if dense_end is not None:
-            raise ValueError("dense_end is for dense mode (cand_pos None)")
-        if not isinstance(cand_pos, torch.Tensor) or not isinstance(cand_count, torch.Tensor):
-            raise ValueError("cand_pos and cand_count must be tensors")
-        if cand_pos.dtype != torch.int32 or cand_pos.dim() != 2 or cand_pos.shape[0] != hkv:
-            raise ValueError(f"cand_pos must be int32 [{hkv}, maxC], got {cand_pos.dtype} "
-                             f"{list(cand_pos.shape)}")
-        if cand_pos.shape[1] > 0 and cand_pos.stride(1) != 1:
-            raise ValueError("cand_pos must be contiguous in its last dimension")
-        if cand_count.dtype != torch.int32 or tuple(cand_count.shape) != (hkv,) \
-                or not cand_count.is_contiguous():
-            raise ValueError(f"cand_count must be contiguous int32 [{hkv}], got "
-                             f"{cand_count.dtype} {list(cand_count.shape)}")
-        for name, t in (("cand_pos", cand_pos), ("cand_count", cand_count)):
-            if t.get_device() != dev_id:
-                raise ValueError(f"{name} is on {t.device} but q is on {device}")
-        max_c = cand_pos.shape[1]
-        de, de_t = 0, None
-    else:
-        if cand_count is not None:
-            raise ValueError("cand_count given without cand_pos")
-        max_c = 0
-        if dense_end is None:
-            de, de_t = bs, bs_t
-        else:
-            de, de_t = _bound("dense_end", dense_end, device)
-            if de_t is None and de < 0:
-                raise ValueError(f"dense_end must be >= 0, got {de}")
-            if de_t is None and bs_t is None and de > bs:
-                raise ValueError(f"dense_end={de} > buffer_start={bs}: positions would be "
-                                 "attended twice")
+    if not isinstance(cand_pos, torch.Tensor) or not isinstance(cand_count, torch.Tensor):
+        raise ValueError("cand_pos and cand_count must be tensors")
+    if cand_pos.dtype != torch.int32 or cand_pos.dim() != 2 or cand_pos.shape[0] != hkv:
+        raise ValueError(f"cand_pos must be int32 [{hkv}, maxC], got {cand_pos.dtype} "
+                         f"{list(cand_pos.shape)}")
+    if cand_pos.shape[1] > 0 and cand_pos.stride(1) != 1:
+        raise ValueError("cand_pos must be contiguous in its last dimension")
+    if cand_count.dtype != torch.int32 or tuple(cand_count.shape) != (hkv,) \
+            or not cand_count.is_contiguous():
+        raise ValueError(f"cand_count must be contiguous int32 [{hkv}], got "
+                         f"{cand_count.dtype} {list(cand_count.shape)}")
+    for name, t in (("cand_pos", cand_pos), ("cand_count", cand_count)):
+        if t.get_device() != dev_id:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    max_c = cand_pos.shape[1]
     if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
                                    or num_splits < 1):
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
@@ -737,19 +577,19 @@ def sparse_attention(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
-    _check_out("out", out, (hq, dv), (torch.float32,), dev_id)
-    _check_out("lse", lse, (hq,), (torch.float32,), dev_id)
-    _check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
-    _check_out("below_lse", below_lse, (hq,), (torch.float32,), dev_id)
+    check_out("out", out, (hq, dv), (torch.float32,), dev_id)
+    check_out("lse", lse, (hq,), (torch.float32,), dev_id)
+    check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    check_out("below_lse", below_lse, (hq,), (torch.float32,), dev_id)
     cert = pruned_lse is not None or dropped is not None or num_candidates is not None
     if cert:
         if pruned_lse is None or dropped is None or num_candidates is None:
             raise ValueError("pruned_lse, dropped and num_candidates go together")
-        if not sparse or below_lse is None:
-            raise ValueError("the certificate needs sparse mode and below_lse")
-        _check_out("pruned_lse", pruned_lse, (hq,), (torch.float32,), dev_id)
-        _check_out("dropped", dropped, (hq,), (torch.float32,), dev_id)
-        _check_out("num_candidates", num_candidates, (hq,), (torch.int64,), dev_id)
+        if below_lse is None:
+            raise ValueError("the certificate needs below_lse")
+        check_out("pruned_lse", pruned_lse, (hq,), (torch.float32,), dev_id)
+        check_out("dropped", dropped, (hq,), (torch.float32,), dev_id)
+        check_out("num_candidates", num_candidates, (hq,), (torch.int64,), dev_id)
     if out is None:
         out = torch.empty(hq, dv, dtype=torch.float32, device=device)
     if lse is None:
@@ -765,13 +605,7 @@ def sparse_attention(
         buf_max = be - bs
     else:
         buf_max = cap if be_t is not None else be
-    if sparse:
-        total_max = max_c + buf_max
-    elif de_t is None and bs_t is None and be_t is None:
-        total_max = de + buf_max
-    else:
-        total_max = cap
-    blocks_max = max(1, -(-total_max // block_n))
+    blocks_max = max(1, -(-(max_c + buf_max) // block_n))
     if num_splits is None:
         num_splits = max(1, min(-(-grid_per_sm * num_sms(device) // hkv),
                                 -(-blocks_max // min_blocks)))
@@ -786,12 +620,9 @@ def sparse_attention(
     g_p = next_pow2(g)
     split_chunk = max(1, 8192 // (g_p * dv))
 
-    pos_arg = cand_pos if sparse else tau
-    cnt_arg = cand_count if sparse else tau
     _sparse_attention_kernel[(n_prog,)](
         q, keys, values, tau,
-        pos_arg, cnt_arg,
-        de_t if de_t is not None else tau,
+        cand_pos, cand_count,
         bs_t if bs_t is not None else tau,
         be_t if be_t is not None else tau,
         workspace, counters,
@@ -799,13 +630,12 @@ def sparse_attention(
         pruned_lse if cert else tau, dropped if cert else tau,
         num_candidates if cert else tau,
         float(scale),
-        de, bs, be,
+        bs, be,
         cap, max_c, hkv,
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        cand_pos.stride(0) if cand_pos is not None else 0,
+        cand_pos.stride(0),
         G=g, D=d, DV=dv, BLOCK_N=block_n, R=lanes, CK=ck, CV=cv,
-        G_P=g_p, SPLIT_CHUNK=split_chunk, SPARSE=sparse,
-        DENSE_END_ON_DEVICE=de_t is not None, BUF_START_ON_DEVICE=bs_t is not None,
+        G_P=g_p, SPLIT_CHUNK=split_chunk, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert, MIN_BLOCKS=min_blocks,
         HKV_P=next_pow2(hkv), MERGE_GROUP=split_chunk if merge_group is None else merge_group,
         num_warps=num_warps, num_stages=1,

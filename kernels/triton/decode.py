@@ -18,6 +18,10 @@ Launches (eager, ``attend``): three, and no host synchronization on the step its
 3. ``sparse_attention`` with below_lse and the fused certificate: out, lse, num_attended,
    dropped_mass_bound and num_candidates (written by each KV head's last-arriving program).
 
+A Dense policy runs the prologue (q's check; tau = -inf) and then ``dense_attention`` over
+every key (two launches: the split-K pass on tensor cores and its merge); dropped_mass_bound
+is 0 and num_candidates the number of keys.
+
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
 counters) in a CUDA graph; a replay is one copy of q into the graph's input plus the replay.
@@ -42,6 +46,7 @@ from louver_kernels.threshold import Dense, Fixed, Policy, Relative
 from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import CounterPool, capture_graph, next_pow2
 from louver_kernels.triton.attention import sparse_attention
+from louver_kernels.triton.dense_attention import dense_attention
 from louver_kernels.triton.quant_filter import quant_filter
 
 if TYPE_CHECKING:
@@ -327,8 +332,8 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     keys); counts (num_indexed, num_keys) device tensors: grids sized by the capacity, every
     bound read on the device (what CapturedStep records). ``stages`` < 3 runs only the first
     launches (profiling: the outputs of the others are then stale); ``tuning`` passes launch
-    overrides to the kernels ({"filter": {...}, "attention": {...}}: num_splits, block_n,
-    num_warps; maxnreg for the filter)."""
+    overrides to the kernels ({"filter": {...}, "attention": {...}, "dense": {...}}:
+    num_splits, block_n, num_warps; maxnreg for the filter)."""
     tuning = tuning or {}
     cfg = index.config
     if stages < 1:
@@ -345,13 +350,11 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         lo, step = index._lo, index._step
         n_arg, bs, be = counts[0], counts[0], counts[1]
     if mode == MODE_DENSE:
-        # every key attended: no filter, the attention reads K and V contiguously
+        # every key attended: no filter, K and V streamed [0, buffer_end) on tensor cores
         if stages < 3:
             return
-        sparse_attention(
-            q, index._keys, index._values, tau, scale=index.scale, dense_end=bs,
-            buffer_start=bs, buffer_end=be, out=out, lse=lse, num_attended=num_att,
-            **tuning.get("attention", {}))
+        dense_attention(q, index._keys, index._values, scale=index.scale, end=be, out=out,
+                        lse=lse, num_attended=num_att, **tuning.get("dense", {}))
         dropped.zero_()
         num_cand.copy_(be.expand(num_cand.shape[0]) if isinstance(be, torch.Tensor)
                        else torch.full_like(num_cand, be))

@@ -47,3 +47,11 @@ def test_attention_compiles(shape: str) -> None:
     report = _report("attention", shape)
     assert report["loops"] and report["instructions"] > 0
     assert report["opcodes"].get("FFMA", 0) > 0 and "HMMA" not in report["opcodes"]
+
+
+@pytest.mark.parametrize("shape", ["9/3/64", "32/8/128"])
+def test_dense_compiles_without_spills(shape: str) -> None:
+    """The dense attention compiles for sm_90, on tensor cores, with no spills."""
+    report = _report("dense", shape)
+    assert report["loops"] and report["opcodes"].get("HMMA", 0) > 0
+    assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, report

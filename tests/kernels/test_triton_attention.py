@@ -14,7 +14,6 @@ same cases.
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from typing import Any
 
@@ -24,9 +23,16 @@ import torch
 from louver_kernels import reference as ref
 from louver_kernels.triton._launch import CounterPool
 from louver_kernels.triton.attention import sparse_attention
+from tests.kernels.attention_checks import (
+    CUDA,
+    DEVICE,
+    check,
+    gen_seed,
+    make_q,
+    poisoned,
+    storage,
+)
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DIMS = ((64, 64), (128, 128))
 GROUPS = (1, 3, 4)
@@ -35,20 +41,6 @@ GROUPS = (1, 3, 4)
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _gen() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
-    return gen, seed
-
-
-def _storage(hkv: int, cap: int, valid: int, dim: int, dtype: torch.dtype,
-             gen: torch.Generator) -> torch.Tensor:
-    """[Hkv, cap, dim] storage: random rows below ``valid``, NaN garbage above."""
-    x = torch.randn(hkv, cap, dim, generator=gen)
-    x[:, valid:] = float("nan")
-    return x.to(dtype).to(DEVICE)
 
 
 def _candidates(hkv: int, below: int, counts: list[int], max_c: int, gen: torch.Generator
@@ -82,16 +74,8 @@ def _tau_in_gap(s: torch.Tensor, frac: float) -> float:
     return float(v[0]) - scale_  # below everything: attend all candidates
 
 
-def _poisoned(hq: int, dv: int, count_dtype: torch.dtype = torch.int32
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = torch.full((hq, dv), float("nan"), device=DEVICE)
-    lse = torch.full((hq,), float("nan"), device=DEVICE)
-    cnt = torch.full((hq,), -12345, dtype=count_dtype, device=DEVICE)
-    return out, lse, cnt
-
-
 def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: torch.Tensor,
-               scale: float, cand: list[torch.Tensor] | None, dense_end: int,
+               scale: float, cand: list[torch.Tensor],
                buffer_start: int, buffer_end: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attend mask from the rule, then reference.masked_attention (float32, CPU)."""
@@ -102,7 +86,7 @@ def _reference(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, tau: t
     s = ref.scores(qc, kc)                                     # fp32 [Hq, buffer_end]
     attend = torch.zeros(hq, buffer_end, dtype=torch.bool)
     for h in range(hq):
-        c = cand[h // g].long() if cand is not None else torch.arange(dense_end)
+        c = cand[h // g].long()
         if c.numel():
             attend[h, c] = s[h, c] >= float(tau[h])
         attend[h, buffer_start:buffer_end] = True
@@ -115,16 +99,16 @@ def _poisoned_below(hq: int) -> torch.Tensor:
 
 
 def _reference_below(q: torch.Tensor, keys: torch.Tensor, tau: torch.Tensor, scale: float,
-                     cand: list[torch.Tensor] | None, dense_end: int) -> torch.Tensor:
+                     cand: list[torch.Tensor]) -> torch.Tensor:
     """float32 [Hq]: logsumexp(scale * s) over the candidates with fp32 score s < tau (plain
     torch; -inf where there is none). Buffer keys never count."""
     hq = q.shape[0]
     g = hq // keys.shape[0]
-    end = max([dense_end] + [int(c.max()) + 1 for c in cand or [] if c.numel()])
+    end = max([0] + [int(c.max()) + 1 for c in cand if c.numel()])
     s = ref.scores(q.cpu(), keys[:, :end].cpu())               # fp32 [Hq, end]
     below = torch.zeros(hq, end, dtype=torch.bool)
     for h in range(hq):
-        c = cand[h // g].long() if cand is not None else torch.arange(dense_end)
+        c = cand[h // g].long()
         if c.numel():
             below[h, c] = s[h, c] < float(tau[h])
     x = (scale * s).masked_fill(~below, -math.inf)
@@ -142,32 +126,6 @@ def _check_below(got: torch.Tensor, want: torch.Tensor, seed: int) -> None:
     assert ((got[finite] - want[finite]).abs() <= tol).all(), msg
 
 
-def _check(got: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-           want: tuple[torch.Tensor, torch.Tensor, torch.Tensor], seed: int,
-           rtol: float = 1e-4) -> None:
-    out, lse, cnt = (t.cpu() for t in got)
-    r_out, r_lse, r_cnt = want
-    msg = f"seed={seed}"
-    assert torch.equal(cnt.long(), r_cnt.long()), f"{msg}: counts {cnt} vs {r_cnt}"
-    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), f"{msg}: NaN left"
-    finite = torch.isfinite(r_lse)
-    assert torch.equal(torch.isfinite(lse), finite), f"{msg}: lse {lse} vs {r_lse}"
-    assert (lse[~finite] == -math.inf).all(), msg
-    assert (out[~finite] == 0).all(), f"{msg}: head attending nothing must output 0"
-    tol = 1e-4 + 1e-6 * r_lse[finite].abs()
-    assert ((lse[finite] - r_lse[finite]).abs() <= tol).all(), \
-        f"{msg}: lse max err {(lse[finite] - r_lse[finite]).abs().max()}"
-    amax = r_out.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
-    err = ((out - r_out).abs() / amax).max()
-    assert torch.allclose(out, r_out, rtol=rtol, atol=rtol * float(amax.max())), \
-        f"{msg}: out max rel err {err}"
-
-
-def _q(hq: int, d: int, dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0
-       ) -> torch.Tensor:
-    return (torch.randn(hq, d, generator=gen) * scale).to(dtype).to(DEVICE)
-
-
 # ----------------------------------------------------------------------------------------------
 # sparse mode
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +135,7 @@ def _q(hq: int, d: int, dtype: torch.dtype, gen: torch.Generator, scale: float =
 @pytest.mark.parametrize("dims", DIMS, ids=lambda x: f"d{x[0]}v{x[1]}")
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}")
 def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], group: int) -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     d, dv = dims
     hkv = 2
     hq = hkv * group
@@ -185,9 +143,9 @@ def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], gro
     buf = 37 if not CUDA else 256
     bs, be = n_idx, n_idx + buf
     cap = be + 11
-    keys = _storage(hkv, cap, be, d, dtype, gen)
-    values = _storage(hkv, cap, be, dv, dtype, gen)
-    q = _q(hq, d, dtype, gen)
+    keys = storage(hkv, cap, be, d, dtype, gen)
+    values = storage(hkv, cap, be, dv, dtype, gen)
+    q = make_q(hq, d, dtype, gen)
     counts = [int(torch.randint(1, n_idx, (1,), generator=gen)) for _ in range(hkv)]
     max_c = max(counts) + 5
     cand_pos, cand_count, cand = _candidates(hkv, bs, counts, max_c, gen)
@@ -196,14 +154,14 @@ def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], gro
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.3 + 0.4 * (h % 2))
                         for h in range(hq)], dtype=torch.float32)
     scale = 1.0 / math.sqrt(d)
-    out, lse, cnt = _poisoned(hq, dv)
+    out, lse, cnt = poisoned(hq, dv)
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            out=out, lse=lse, num_attended=cnt, below_lse=below)
     assert got[0] is out and got[1] is lse and got[2] is cnt
-    _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
-    _check_below(below, _reference_below(q, keys, tau, scale, cand, 0), seed)
+    check(got, _reference(q, keys, values, tau, scale, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, scale, cand), seed)
 
 
 def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: int,
@@ -214,9 +172,9 @@ def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: in
     cand, tau, buffer_start, buffer_end)."""
     d = 64
     bs, be = n_idx, n_idx + n_buf
-    keys = _storage(hkv, be, be, d, torch.float16, gen)
-    values = _storage(hkv, be, be, d, torch.float16, gen)
-    q = _q(hkv * g, d, torch.float16, gen)
+    keys = storage(hkv, be, be, d, torch.float16, gen)
+    values = storage(hkv, be, be, d, torch.float16, gen)
+    q = make_q(hkv * g, d, torch.float16, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hkv * g)])
@@ -227,7 +185,7 @@ def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: in
 def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     """Candidates spanning many blocks; splits from one per head to more than there are blocks
     (with min_blocks, most of the grid exits at once and fewer partials are merged)."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g = 2, 4
     hq = hkv * g
     n_idx = 280 if not CUDA else 20000
@@ -238,8 +196,8 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            num_splits=num_splits, min_blocks=min_blocks, below_lse=below)
-    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
-    want = _reference_below(q, keys, tau, 0.125, cand, 0)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+    want = _reference_below(q, keys, tau, 0.125, cand)
     assert want[1] == -math.inf and torch.isfinite(want[6])
     _check_below(below, want, seed)
 
@@ -252,9 +210,8 @@ def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int,
     """KV heads with very different candidate counts (one heavy, one empty, one or two light)
     and the buffer: every head against the reference (the heads share the grid in proportion
     to their blocks: with min_blocks 1 the heavy head gets most of it, the empty one a single
-    split; three heads leave a padded lane in the kernel's per-head vectors). The same grid in
-    dense mode, where every head has the same list."""
-    gen, seed = _gen()
+    split; three heads leave a padded lane in the kernel's per-head vectors)."""
+    gen, seed = gen_seed()
     g = 2
     n_idx = 300 if not CUDA else 30000
     counts = [3, n_idx, 0, n_idx // 10][:hkv]
@@ -265,12 +222,8 @@ def test_unbalanced_heads(hkv: int, num_splits: int, min_blocks: int,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            num_splits=num_splits, min_blocks=min_blocks, below_lse=below,
                            merge_group=merge_group)
-    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
-    _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=n_idx // 2,
-                           buffer_start=bs, buffer_end=be, num_splits=num_splits,
-                           min_blocks=min_blocks, merge_group=merge_group)
-    _check(got, _reference(q, keys, values, tau, 0.125, None, n_idx // 2, bs, be), seed)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand), seed)
 
 
 @pytest.mark.parametrize("merge_group", [None, 1, 2, 3])
@@ -279,78 +232,78 @@ def test_merge_over_split_chunks(merge_group: int | None) -> None:
     splits; key norms grow with the position, so later chunks tend to hold the maxima. With
     merge_group, the two-level merge: groups of that many programs (the last one partial)
     merged first, then the group partials, one chunk or several."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d, dv = 1, 8, 64, 256     # 8192 // (G * Dv) = 4 splits per merge chunk
     hq = hkv * g
     n_idx = 180 if not CUDA else 6000
     bs, be = n_idx, n_idx + 9
     keys = torch.randn(hkv, be, d, generator=gen) * torch.linspace(0.5, 2.0, be)[None, :, None]
     keys = keys.to(DEVICE)
-    values = _storage(hkv, be, be, dv, torch.float32, gen)
-    q = _q(hq, d, torch.float32, gen)
+    values = storage(hkv, be, be, dv, torch.float32, gen)
+    q = make_q(hq, d, torch.float32, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [n_idx - 3], n_idx, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[0].long()], 0.2 + 0.1 * h) for h in range(hq)])
     tau[3] = math.inf
     for splits in (6, 9):          # 6 blocks of 32 entries under the interpreter
-        out, lse, cnt = _poisoned(hq, dv)
+        out, lse, cnt = poisoned(hq, dv)
         below = _poisoned_below(hq)
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
                                out=out, lse=lse, num_attended=cnt, below_lse=below,
                                num_splits=splits if not CUDA else 8 * splits, min_blocks=1,
                                merge_group=merge_group)
-        _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
-        _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
+        check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+        _check_below(below, _reference_below(q, keys, tau, 0.125, cand), seed)
 
 
 @pytest.mark.parametrize("with_buffer", [True, False])
 def test_empty_candidate_lists(with_buffer: bool) -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d = 2, 3, 64
     hq = hkv * g
     bs = 50
     be = bs + (13 if with_buffer else 0)
-    keys = _storage(hkv, 64, be, d, torch.float32, gen)
-    values = _storage(hkv, 64, be, d, torch.float32, gen)
-    q = _q(hq, d, torch.float32, gen)
+    keys = storage(hkv, 64, be, d, torch.float32, gen)
+    values = storage(hkv, 64, be, d, torch.float32, gen)
+    q = make_q(hq, d, torch.float32, gen)
     tau = torch.zeros(hq)
     for max_c in (0, 7):
         cand_pos, cand_count, cand = _candidates(hkv, bs, [0, 0], max_c, gen)
-        out, lse, cnt = _poisoned(hq, d, torch.int64)
+        out, lse, cnt = poisoned(hq, d, torch.int64)
         below = _poisoned_below(hq)
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
                                out=out, lse=lse, num_attended=cnt, below_lse=below)
-        _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
+        check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
         assert (below.cpu() == -math.inf).all(), f"seed={seed}: {below}"
 
 
 def test_empty_buffer_and_heads_attending_nothing() -> None:
     """No buffer; one head's tau above all its scores, one KV head with no candidates."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d = 3, 4, 128
     hq = hkv * g
     bs = be = 120
-    keys = _storage(hkv, 130, be, d, torch.bfloat16, gen)
-    values = _storage(hkv, 130, be, d, torch.bfloat16, gen)
-    q = _q(hq, d, torch.bfloat16, gen)
+    keys = storage(hkv, 130, be, d, torch.bfloat16, gen)
+    values = storage(hkv, 130, be, d, torch.bfloat16, gen)
+    q = make_q(hq, d, torch.bfloat16, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [70, 0, 119], 119, gen)
     s = ref.scores(q.cpu(), keys[:, :be].cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
     tau[1] = math.inf
     tau[9] = float(s[9].max()) + 1.0
-    out, lse, cnt = _poisoned(hq, d)
+    out, lse, cnt = poisoned(hq, d)
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.09, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            out=out, lse=lse, num_attended=cnt, below_lse=below)
-    want = _reference(q, keys, values, tau, 0.09, cand, 0, bs, be)
+    want = _reference(q, keys, values, tau, 0.09, cand, bs, be)
     assert int(want[2][1]) == 0 and int(want[2][9]) == 0 and (want[2][4:8] == 0).all()
-    _check(got, want, seed)
+    check(got, want, seed)
     # heads 1 (tau = +inf) and 9 (tau above every score) drop all their candidates
     s_c = ref.scores(q.cpu(), keys[:, :bs].cpu())
-    want_b = _reference_below(q, keys, tau, 0.09, cand, 0)
+    want_b = _reference_below(q, keys, tau, 0.09, cand)
     for h in (1, 9):
         c = cand[h // g].long()
         assert torch.allclose(want_b[h], torch.logsumexp(0.09 * s_c[h, c], dim=0))
@@ -360,12 +313,12 @@ def test_empty_buffer_and_heads_attending_nothing() -> None:
 
 def test_out_of_range_candidates_are_skipped() -> None:
     """A buggy caller's positions outside [0, buffer_start) are never read nor counted."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d = 1, 2, 64
     bs, be = 40, 48
-    keys = _storage(hkv, 64, be, d, torch.float16, gen)
-    values = _storage(hkv, 64, be, d, torch.float16, gen)
-    q = _q(hkv * g, d, torch.float16, gen)
+    keys = storage(hkv, 64, be, d, torch.float16, gen)
+    values = storage(hkv, 64, be, d, torch.float16, gen)
+    q = make_q(hkv * g, d, torch.float16, gen)
     good = torch.tensor([1, 5, 9, 39])
     cand_pos = torch.tensor([[1, 5, -3, 9, 39, 40, 47, 63, 10**6]], dtype=torch.int32)
     cand_count = torch.tensor([9], dtype=torch.int32)
@@ -375,80 +328,73 @@ def test_out_of_range_candidates_are_skipped() -> None:
         got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125,
                                cand_pos=cand_pos.to(DEVICE), cand_count=cand_count.to(DEVICE),
                                buffer_start=bs, buffer_end=be, below_lse=below)
-        _check(got, _reference(q, keys, values, tau, 0.125, [good], 0, bs, be), seed)
+        check(got, _reference(q, keys, values, tau, 0.125, [good], bs, be), seed)
         # tau = +inf: exactly the four in-range candidates are below tau
-        _check_below(below, _reference_below(q, keys, tau, 0.125, [good], 0), seed)
+        _check_below(below, _reference_below(q, keys, tau, 0.125, [good]), seed)
 
 
 # ----------------------------------------------------------------------------------------------
-# dense mode
+# every key a candidate; device bounds
 # ----------------------------------------------------------------------------------------------
+
+
+def _all_candidates(hkv: int, n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    pos = torch.arange(n, dtype=torch.int32).repeat(hkv, 1)
+    return (pos.to(DEVICE), torch.full((hkv,), n, dtype=torch.int32, device=DEVICE),
+            [torch.arange(n)] * hkv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: f"g{g}")
-def test_dense_mode(dtype: torch.dtype, group: int) -> None:
-    """tau = -inf: plain attention over [0, buffer_end); also a finite tau."""
-    gen, seed = _gen()
+def test_every_key_a_candidate(dtype: torch.dtype, group: int) -> None:
+    """Every indexed key a candidate: tau = -inf is plain attention over [0, buffer_end); a
+    finite tau drops the candidates below it."""
+    gen, seed = gen_seed()
     hkv, d = 2, 64
     hq = hkv * group
     bs = 150 if not CUDA else 5000
     be = bs + 30
-    keys = _storage(hkv, be + 3, be, d, dtype, gen)
-    values = _storage(hkv, be + 3, be, d, dtype, gen)
-    q = _q(hq, d, dtype, gen)
+    keys = storage(hkv, be + 3, be, d, dtype, gen)
+    values = storage(hkv, be + 3, be, d, dtype, gen)
+    q = make_q(hq, d, dtype, gen)
+    cand_pos, cand_count, cand = _all_candidates(hkv, bs)
     tau = torch.full((hq,), -math.inf)
     below = _poisoned_below(hq)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
-                           buffer_end=be, below_lse=below)
-    _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           below_lse=below)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
     assert (below.cpu() == -math.inf).all(), f"seed={seed}: {below}"
     s = ref.scores(q.cpu(), keys[:, :be].cpu())
     tau = torch.tensor([_tau_in_gap(s[h, :bs], 0.8) for h in range(hq)])
-    out, lse, cnt = _poisoned(hq, d)
+    out, lse, cnt = poisoned(hq, d)
     below = _poisoned_below(hq)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, buffer_start=bs,
-                           buffer_end=be, out=out, lse=lse, num_attended=cnt, below_lse=below)
-    _check(got, _reference(q, keys, values, tau, 0.125, None, bs, bs, be), seed)
-    _check_below(below, _reference_below(q, keys, tau, 0.125, None, bs), seed)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be, out=out,
+                           lse=lse, num_attended=cnt, below_lse=below)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand), seed)
 
 
-def test_dense_end_before_buffer_and_device_bounds() -> None:
-    """dense_end < buffer_start; the same call with bounds given as device tensors."""
-    gen, seed = _gen()
+def test_device_bounds() -> None:
+    """buffer_start and buffer_end given as device tensors (int32 and int64)."""
+    gen, seed = gen_seed()
     hkv, g, d = 2, 3, 64
     hq = hkv * g
-    de, bs, be = 90, 120, 140
-    keys = _storage(hkv, 150, be, d, torch.float16, gen)
-    values = _storage(hkv, 150, be, d, torch.float16, gen)
-    q = _q(hq, d, torch.float16, gen)
+    bs, be = 120, 140
+    keys = storage(hkv, 150, be, d, torch.float16, gen)
+    values = storage(hkv, 150, be, d, torch.float16, gen)
+    q = make_q(hq, d, torch.float16, gen)
     s = ref.scores(q.cpu(), keys[:, :be].cpu())
-    tau = torch.tensor([_tau_in_gap(s[h, :de], 0.5) for h in range(hq)])
-    want = _reference(q, keys, values, tau, 0.125, None, de, bs, be)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=de,
-                           buffer_start=bs, buffer_end=be)
-    _check(got, want, seed)
-
-    def dev(x: int) -> torch.Tensor:
-        return torch.tensor([x], dtype=torch.int32, device=DEVICE)
-
-    out, lse, cnt = _poisoned(hq, d)
-    below = _poisoned_below(hq)
-    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, dense_end=dev(de),
-                           buffer_start=dev(bs), buffer_end=torch.tensor(be, device=DEVICE),
-                           out=out, lse=lse, num_attended=cnt, below_lse=below)
-    _check(got, want, seed)
-    # only [0, dense_end) are candidates: [dense_end, buffer_start) never counts
-    _check_below(below, _reference_below(q, keys, tau, 0.125, None, de), seed)
-    # sparse mode with device bounds
     cand_pos, cand_count, cand = _candidates(hkv, bs, [40, 100], 100, gen)
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.4) for h in range(hq)])
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
-                           cand_count=cand_count, buffer_start=dev(bs), buffer_end=dev(be),
-                           below_lse=below)
-    _check(got, _reference(q, keys, values, tau, 0.125, cand, 0, bs, be), seed)
-    _check_below(below, _reference_below(q, keys, tau, 0.125, cand, 0), seed)
+                           cand_count=cand_count,
+                           buffer_start=torch.tensor([bs], dtype=torch.int32, device=DEVICE),
+                           buffer_end=torch.tensor(be, device=DEVICE), below_lse=below)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand), seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,7 +405,7 @@ def test_dense_end_before_buffer_and_device_bounds() -> None:
 @pytest.mark.parametrize("kind", ["huge", "tiny"])
 def test_fp16_extremes(kind: str) -> None:
     """Entries near the float16 maximum (huge, peaked scores) or tiny (subnormal-ish)."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d = 2, 4, 64
     hq = hkv * g
     bs, be = 100, 110
@@ -470,7 +416,7 @@ def test_fp16_extremes(kind: str) -> None:
     keys = keys.to(torch.float16).to(DEVICE)
     values = (torch.randn(hkv, be, d, generator=gen).clamp(-3, 3)
               * (2.0e4 if kind == "huge" else 1e-3)).to(torch.float16).to(DEVICE)
-    q = _q(hq, d, torch.float16, gen, scale=1.0 if kind == "huge" else 1e3)
+    q = make_q(hq, d, torch.float16, gen, scale=1.0 if kind == "huge" else 1e3)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [80, 99], 99, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
@@ -479,47 +425,47 @@ def test_fp16_extremes(kind: str) -> None:
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=scale, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be,
                            below_lse=below)
-    _check(got, _reference(q, keys, values, tau, scale, cand, 0, bs, be), seed)
-    _check_below(below, _reference_below(q, keys, tau, scale, cand, 0), seed)
+    check(got, _reference(q, keys, values, tau, scale, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, scale, cand), seed)
 
 
 def test_strided_storage_and_mixed_dtypes() -> None:
     """keys/values as views into wider storage (row stride != D); fp32 q with bf16 keys,
     float16 values, Dv != D."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d, dv = 2, 2, 64, 128
     hq = hkv * g
     bs, be = 70, 80
-    kbig = _storage(hkv, 90, be, 2 * d, torch.bfloat16, gen)
-    vbig = _storage(hkv + 1, 90, be, dv + 32, torch.float16, gen)
+    kbig = storage(hkv, 90, be, 2 * d, torch.bfloat16, gen)
+    vbig = storage(hkv + 1, 90, be, dv + 32, torch.float16, gen)
     keys, values = kbig[:, :, d:], vbig[1:, :, :dv]
-    q = _q(hq, d, torch.float32, gen)
+    q = make_q(hq, d, torch.float32, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [33, 69], 69, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.1, cand_pos=cand_pos,
                            cand_count=cand_count, buffer_start=bs, buffer_end=be)
-    _check(got, _reference(q, keys, values, tau, 0.1, cand, 0, bs, be), seed)
+    check(got, _reference(q, keys, values, tau, 0.1, cand, bs, be), seed)
 
 
 def test_repeated_launches_reuse_counters() -> None:
     """Consecutive launches with different split counts, with and without below_lse (the
     arrival counters must be left at zero); on CUDA, many back-to-back launches must give
     bit-identical results."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     hkv, g, d = 2, 4, 128
     hq = hkv * g
     n_idx = 200 if not CUDA else 50000
     bs, be = n_idx, n_idx + 64
-    keys = _storage(hkv, be, be, d, torch.float16, gen)
-    values = _storage(hkv, be, be, d, torch.float16, gen)
-    q = _q(hq, d, torch.float16, gen)
+    keys = storage(hkv, be, be, d, torch.float16, gen)
+    values = storage(hkv, be, be, d, torch.float16, gen)
+    q = make_q(hq, d, torch.float16, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, [n_idx // 2, n_idx // 3], n_idx // 2, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hq)])
     tau[0] = -math.inf
-    want = _reference(q, keys, values, tau, 0.08, cand, 0, bs, be)
-    want_b = _reference_below(q, keys, tau, 0.08, cand, 0)
+    want = _reference(q, keys, values, tau, 0.08, cand, bs, be)
+    want_b = _reference_below(q, keys, tau, 0.08, cand)
     # launches with and without below_lse (different workspace layouts) interleaved
     # (splits, below_lse, merge_group): the two-level merge's group tickets too
     plan = [(3, True, None), (1, False, None), (5, False, 2), (4, True, 1), (5, True, None),
@@ -534,7 +480,7 @@ def test_repeated_launches_reuse_counters() -> None:
                                cand_count=cand_count, buffer_start=bs, buffer_end=be,
                                num_splits=splits, below_lse=below, merge_group=group)
         if it < checked:
-            _check(got, want, seed)
+            check(got, want, seed)
             if below is not None:
                 _check_below(below, want_b, seed)
         if splits is None:
@@ -571,7 +517,8 @@ def _valid_args() -> dict:
     values = torch.randn(2, 32, 64, device=DEVICE)
     tau = torch.zeros(4, device=DEVICE)
     return dict(q=q, keys=keys, values=values, tau=tau, scale=0.125, buffer_start=20,
-                buffer_end=30)
+                buffer_end=30, cand_pos=torch.zeros(2, 4, dtype=torch.int32, device=DEVICE),
+                cand_count=torch.zeros(2, dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -585,13 +532,12 @@ def _valid_args() -> dict:
     (dict(buffer_start=31), "buffer_start <= buffer_end"),
     (dict(buffer_start=2.0), "int"),
     (dict(scale=float("nan")), "scale"),
-    (dict(cand_pos=torch.zeros(2, 4, dtype=torch.int32)), "cand_count"),
+    (dict(cand_pos=None), "cand_pos and cand_count must be tensors"),
+    (dict(cand_count=torch.zeros(2, dtype=torch.int64)), "cand_count must be"),
     (dict(cand_pos=torch.zeros(2, 4, dtype=torch.int64),
           cand_count=torch.zeros(2, dtype=torch.int32)), "cand_pos must be int32"),
     (dict(cand_pos=torch.zeros(3, 4, dtype=torch.int32),
           cand_count=torch.zeros(3, dtype=torch.int32)), "cand_pos must be int32"),
-    (dict(cand_count=torch.zeros(2, dtype=torch.int32)), "without cand_pos"),
-    (dict(dense_end=25), "attended twice"),
     (dict(out=torch.zeros(4, 64, dtype=torch.float16)), "out must be"),
     (dict(lse=torch.zeros(5)), "lse must be"),
     (dict(num_attended=torch.zeros(4, dtype=torch.float32)), "num_attended must be"),

@@ -1,0 +1,342 @@
+"""Decode-time dense attention over every stored key (split-K, tensor cores).
+
+One launch computes, for every query head h of one decode step (KV head h // G),
+
+    out[h] = softmax(scale * q_h . K[:end]) @ V[:end]       float32 [Hq, Dv]
+    lse[h] = logsumexp(scale * q_h . K[:end])                float32 [Hq]
+    num_attended[h] = end
+
+the step a Dense policy runs, and the one the decode step falls back to when most keys are
+candidates anyway. It attends keys ``[0, end)`` with no threshold, so (unlike the sparse
+attention) its scores need not be the float32 dot products the index's bounds are proven
+against: they come from tensor cores, and the kernel is a streaming read of K and V.
+``kernels/reference.py::masked_attention`` with every key attended is the ground truth.
+
+Precision. Scores: q . k on tensor cores with float32 accumulation; float16 / bfloat16 keys
+take q in their dtype (a float32 q is split as q_hi + q_lo, two products, so q keeps ~16 more
+bits), float32 keys use IEEE float32 products. P @ V: a weight p in [0, 1] rounded to
+float16 / bfloat16 would carry a relative error of 2^-11 / 2^-8 into the output (what
+FlashAttention does); here each head has two rows of the tile, the first multiplies V by
+hi(p) = round(p) and the second by lo(p) = round(p - hi(p)), and the two are summed at the end,
+so p keeps about twice the bits for the same MMA instruction (the rows are padding otherwise:
+G < 16 heads fill an MMA of 16 rows). The softmax's (m, l) stay float32.
+
+Work decomposition (flash-decoding): program (KV head kh, split) reads blocks of BLOCK_N keys
+of a contiguous range of ``[0, end)`` for the G query heads of kh (GQA: each K and V row is
+read once); the splits per head come from the launch (sized by the largest end the launch may
+see: ``end`` may be a device tensor, which makes the launch capturable in a CUDA graph), and at
+most one per MIN_BLOCKS blocks of the actual end takes part. Each writes its partial (m, l,
+acc) to a workspace; a second launch, one program per query head, merges them and writes the
+outputs (a merge in the last-arriving program of each KV head, as in the sparse attention, was
+serial: on an H200 it cost ~10 us of a 9/3/64 step at 128k keys with 176 splits per head).
+The loop is software-pipelined by Triton (``tl.range(num_stages)``: asynchronous copies of the
+next blocks while one is computed). Launch parameters measured on an H200 (float16, 32k and
+128k keys, 9/3/64 and 32/8/128; ``benchmarks/bench_attention_gpu.py --dense-sweep``): one warp
+per program and 16-key blocks were fastest (with more warps the tile's row reductions and the
+P operand cross warps through shared memory at every block).
+"""
+
+from __future__ import annotations
+
+from typing import no_type_check
+
+import torch
+import triton
+import triton.language as tl
+
+from louver_kernels.triton._device import load_scalar
+from louver_kernels.triton._launch import (
+    check_attention_inputs,
+    check_bound,
+    check_int,
+    check_out,
+    interpreted,
+    next_pow2,
+    num_sms,
+)
+from louver_kernels.triton._splitk import store_outputs
+
+__all__ = ["dense_attention"]
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with float32 accumulation; DOT_F32 takes the product of the operands' values in
+    float32 (the interpreter's tl.dot mishandles bfloat16: the same products, exactly)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _dense_block(q_hi, q_lo, k_base, v_base, start, end, m_i, l_i, acc, C, lo_row,
+                 offs_n, offs_d, offs_dv, stride_kn, stride_vn,
+                 Q_SPLIT: tl.constexpr, P_SPLIT: tl.constexpr, PREC: tl.constexpr,
+                 DOT_F32: tl.constexpr):
+    """One block of BLOCK_N keys from ``start``: the online-softmax update of (m, l, acc)."""
+    offs = start + offs_n
+    ok = offs < end
+    pos = offs.to(tl.int64)
+    k = tl.load(k_base + pos[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
+                other=0.0)
+    s = _dot(q_hi, tl.trans(k), PREC, DOT_F32)                              # [M, BLOCK_N]
+    if Q_SPLIT:
+        s += _dot(q_lo, tl.trans(k), PREC, DOT_F32)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2((m_i - m_use) * C)
+    p = tl.exp2((s - m_use[:, None]) * C)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = tl.load(v_base + pos[:, None] * stride_vn + offs_dv[None, :], mask=ok[:, None],
+                other=0.0)
+    if P_SPLIT:
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        pv = tl.where(lo_row[:, None], p_lo, p_hi)
+    else:
+        pv = p.to(v.dtype)
+    acc = acc * alpha[:, None] + _dot(pv, v, PREC, DOT_F32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _split_plan(end_ptr, end, cap, n_split, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr,
+                END_ON_DEVICE: tl.constexpr):
+    """(end clamped to [0, cap], splits taking part, blocks per split): at most one split per
+    MIN_BLOCKS blocks, at most n_split, at least one; each of them gets at least one block."""
+    n = tl.minimum(tl.maximum(load_scalar(end_ptr, end, END_ON_DEVICE), 0), cap)
+    n_blocks = tl.cdiv(n, BLOCK_N)
+    active = tl.minimum(tl.maximum(tl.cdiv(n_blocks, MIN_BLOCKS), 1), n_split)
+    per_split = tl.maximum(tl.cdiv(n_blocks, active), 1)
+    active = tl.maximum(tl.cdiv(n_blocks, per_split), 1)
+    return n, active, per_split
+
+
+@triton.jit(do_not_specialize=["end"])
+@no_type_check
+def _dense_attention_kernel(
+    q_ptr, k_ptr, v_ptr, end_ptr, ws_ptr,
+    scale, end, cap,
+    stride_qh, stride_kh, stride_kn, stride_vh, stride_vn,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr, END_ON_DEVICE: tl.constexpr,
+    Q_SPLIT: tl.constexpr, P_SPLIT: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
+    PIPELINE: tl.constexpr,
+):
+    kh = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    C = scale * LOG2E
+    n, active, per_split = _split_plan(end_ptr, end, cap, n_split, BLOCK_N, MIN_BLOCKS,
+                                       END_ON_DEVICE)
+    if split >= active:
+        return
+    lo = split * per_split * BLOCK_N
+    hi = tl.minimum(lo + per_split * BLOCK_N, n)
+
+    # rows of the [M, *] tiles: head r % HALF; with P_SPLIT rows >= HALF carry lo(p)
+    offs_m = tl.arange(0, M)
+    head = offs_m % HALF
+    row_ok = head < G
+    lo_row = offs_m >= HALF
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + (kh * G + head)[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0).to(tl.float32)
+    q_hi = q.to(k_ptr.dtype.element_ty)
+    q_lo = (q - q_hi.to(tl.float32)).to(k_ptr.dtype.element_ty)
+    k_base = k_ptr + kh.to(tl.int64) * stride_kh
+    v_base = v_ptr + kh.to(tl.int64) * stride_vh
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, DV], tl.float32)
+    if PIPELINE:
+        for it in tl.range(0, tl.cdiv(hi - lo, BLOCK_N), num_stages=NUM_STAGES):
+            m_i, l_i, acc = _dense_block(q_hi, q_lo, k_base, v_base, lo + it * BLOCK_N, hi,
+                                         m_i, l_i, acc, C, lo_row, offs_n, offs_d, offs_dv,
+                                         stride_kn, stride_vn, Q_SPLIT, P_SPLIT, PREC, False)
+    else:
+        # Triton's interpreter: no tl.range over device-derived bounds, float32 products
+        start = lo
+        while start < hi:
+            m_i, l_i, acc = _dense_block(q_hi, q_lo, k_base, v_base, start, hi, m_i, l_i, acc,
+                                         C, lo_row, offs_n, offs_d, offs_dv, stride_kn,
+                                         stride_vn, Q_SPLIT, P_SPLIT, PREC, True)
+            start += BLOCK_N
+
+    # this split's partial, head-major (what the merge reads): m, l, acc relative to m; head
+    # h's rows h and h + HALF (the lo(p) half) summed
+    if P_SPLIT:
+        acc_h = tl.sum(tl.reshape(acc, [2, HALF, DV]), axis=0)
+    else:
+        acc_h = acc                                                     # M == HALF
+    m_h = tl.max(tl.reshape(m_i, [M // HALF, HALF]), axis=0)
+    l_h = tl.max(tl.reshape(l_i, [M // HALF, HALF]), axis=0)
+    offs_h = tl.arange(0, HALF)
+    h_ok = offs_h < G
+    slot = (kh * G + offs_h) * n_split + split                          # [HALF]
+    n_slots = tl.num_programs(0) * G * n_split
+    tl.store(ws_ptr + slot, m_h, mask=h_ok)
+    tl.store(ws_ptr + n_slots + slot, l_h, mask=h_ok)
+    tl.store(ws_ptr + 2 * n_slots + slot[:, None] * DV + offs_dv[None, :], acc_h,
+             mask=h_ok[:, None])
+
+
+@triton.jit(do_not_specialize=["end"])
+@no_type_check
+def _dense_merge_kernel(
+    ws_ptr, end_ptr, out_ptr, lse_ptr, natt_ptr,
+    scale, end, cap, n_split, n_slots,
+    G: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr,
+    END_ON_DEVICE: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Query head h's partials merged (online max over CHUNK slots at a time); its outputs."""
+    h = tl.program_id(0)
+    LOG2E: tl.constexpr = 1.4426950408889634
+    C = scale * LOG2E
+    n, active, _per = _split_plan(end_ptr, end, cap, n_split, BLOCK_N, MIN_BLOCKS,
+                                  END_ON_DEVICE)
+    offs_s = tl.arange(0, CHUNK)
+    offs_dv = tl.arange(0, DV)
+    m_tot = tl.full([1], float("-inf"), tl.float32)
+    l_tot = tl.zeros([1], tl.float32)
+    o_tot = tl.zeros([1, DV], tl.float32)
+    base = h * n_split
+    s0 = 0
+    while s0 < active:
+        sl = s0 + offs_s
+        ok = sl < active
+        m_s = tl.load(ws_ptr + base + sl, mask=ok, other=float("-inf"))[None, :]
+        l_s = tl.load(ws_ptr + n_slots + base + sl, mask=ok, other=0.0)[None, :]
+        a_s = tl.load(ws_ptr + 2 * n_slots + (base + sl)[:, None] * DV + offs_dv[None, :],
+                      mask=ok[:, None], other=0.0)
+        m_new = tl.maximum(m_tot, tl.max(m_s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2((m_tot - m_use) * C)
+        w = tl.exp2((m_s - m_use[:, None]) * C)                           # [1, CHUNK]
+        l_tot = l_tot * alpha + tl.sum(l_s * w, axis=1)
+        o_tot = o_tot * alpha[:, None] + tl.sum(tl.reshape(w, [CHUNK, 1]) * a_s, axis=0)[None, :]
+        m_tot = m_new
+        s0 += CHUNK
+    qh = h + tl.arange(0, 1)
+    store_outputs(out_ptr, lse_ptr, natt_ptr, qh, qh >= 0, m_tot, l_tot, o_tot,
+                  tl.zeros([1], tl.int32) + n, scale, DV)
+
+
+_INTERPRETED = interpreted(_dense_attention_kernel)   # no tl.range pipelining there
+
+
+def _config(d: int, dv: int, elt: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_stages, num_warps) by head dim and element size (see the module docstring)."""
+    return 16, (2 if max(d, dv) * elt >= 256 else 3), 1
+
+
+def dense_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    scale: float,
+    end: int | torch.Tensor,
+    out: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    num_attended: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    min_blocks: int = 4,
+    grid_per_sm: int = 8,
+    block_n: int | None = None,
+    num_stages: int | None = None,
+    num_warps: int | None = None,
+    p_split: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention of every query head over keys [0, end) of its KV head, for one decode step.
+
+    Args:
+        q: [Hq, D] float16 / bfloat16 / float32, last dim contiguous.
+        keys: [Hkv, cap, D] storage, float16 / bfloat16 / float32, last dim contiguous; only
+            positions < end are read. Hq must be a multiple of Hkv.
+        values: [Hkv, cap_v, Dv] storage, same dtype as keys.
+        scale: softmax scale applied to raw scores, > 0.
+        end: keys attended: [0, end), 0 <= end <= min(cap, cap_v); a Python int or a 1-element
+            int32/int64 tensor on q's device (read by the kernel, clamped to [0, cap]: use this
+            to capture one CUDA graph for every decode step).
+        out, lse, num_attended: optional preallocated outputs: float32 [Hq, Dv], float32 [Hq],
+            int32 or int64 [Hq], contiguous, on q's device. Every element is written.
+        num_splits: programs per KV head (default: grid_per_sm programs per SM, at most one per
+            min_blocks blocks of the largest end); at most one per min_blocks blocks of the
+            actual end takes part.
+        block_n, num_stages, num_warps: tile rows, pipeline depth, warps (defaults by head dim).
+        p_split: carry each softmax weight as hi + lo in the 16-bit P @ V (see the module
+            docstring); False rounds it once, like FlashAttention.
+
+    Returns:
+        (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq] = end). With end = 0 every
+        head gets out = 0 and lse = -inf.
+
+    Raises:
+        ValueError: on any shape, dtype, device, layout or range problem of the arguments.
+    """
+    hq, d, hkv, cap, dv = check_attention_inputs(q, keys, values, scale)
+    if keys.dtype != values.dtype:
+        raise ValueError(f"keys and values must have one dtype, got {keys.dtype} and "
+                         f"{values.dtype}")
+    device = q.device
+    dev_id = q.get_device()
+    e, e_t = check_bound("end", end, device)
+    if e_t is None and not 0 <= e <= cap:
+        raise ValueError(f"end={e} must be in [0, {cap}] (the storage)")
+    for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm)):
+        check_int(name, v, 1, 1 << 20)
+    if num_splits is not None:
+        check_int("num_splits", num_splits, 1, 1 << 16)
+    if not isinstance(p_split, bool):
+        raise ValueError(f"p_split must be a bool, got {p_split!r}")
+    bn, stages, warps = _config(d, dv, keys.element_size())
+    block_n = bn if block_n is None else block_n
+    if check_int("block_n", block_n, 16, 256) & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two, got {block_n}")
+    num_stages = check_int("num_stages", stages if num_stages is None else num_stages, 1, 8)
+    num_warps = check_int("num_warps", warps if num_warps is None else num_warps, 1, 16)
+    check_out("out", out, (hq, dv), (torch.float32,), dev_id)
+    check_out("lse", lse, (hq,), (torch.float32,), dev_id)
+    check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    if out is None:
+        out = torch.empty(hq, dv, dtype=torch.float32, device=device)
+    if lse is None:
+        lse = torch.empty(hq, dtype=torch.float32, device=device)
+    if num_attended is None:
+        num_attended = torch.empty(hq, dtype=torch.int32, device=device)
+
+    g = hq // hkv
+    sixteen = keys.element_size() == 2
+    p_split = p_split and sixteen
+    half = max(8, next_pow2(g)) if p_split else max(16, next_pow2(g))
+    rows = 2 * half if p_split else half
+    blocks_max = max(1, -(-(cap if e_t is not None else e) // block_n))
+    if num_splits is None:
+        num_splits = max(1, min(-(-grid_per_sm * num_sms(device) // hkv),
+                                -(-blocks_max // min_blocks)))
+    n_slots = hq * num_splits
+    workspace = torch.empty(n_slots * (dv + 2), dtype=torch.float32, device=device)
+    end_arg = e_t if e_t is not None else q
+    _dense_attention_kernel[(hkv, num_splits)](
+        q, keys, values, end_arg, workspace,
+        float(scale), e, cap,
+        q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        G=g, D=d, DV=dv, M=rows, HALF=half, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
+        END_ON_DEVICE=e_t is not None, Q_SPLIT=sixteen and q.dtype == torch.float32,
+        P_SPLIT=p_split, PREC="ieee" if not sixteen else "tf32", NUM_STAGES=num_stages,
+        PIPELINE=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+    )
+    _dense_merge_kernel[(hq,)](
+        workspace, end_arg, out, lse, num_attended,
+        float(scale), e, cap, num_splits, n_slots,
+        G=g, DV=dv, BLOCK_N=block_n, MIN_BLOCKS=min_blocks, END_ON_DEVICE=e_t is not None,
+        CHUNK=max(1, 4096 // dv), num_warps=4,
+    )
+    return out, lse, num_attended
