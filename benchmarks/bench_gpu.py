@@ -13,10 +13,10 @@ query rows, each replayed from a CUDA graph; the fastest is the baseline). Also:
 fraction, a zero-false-negative check of every measured query (every key whose fp32 score
 reaches tau is attended), the step's time cut after each launch, the step time against the
 candidate fraction (Fixed thresholds at score quantiles of the real keys), build throughput (the
-first build includes compilation), the cost of an append that flushes (host, until done, GPU
-span), the dense path's bandwidth against a device-to-device copy, and the original paper's
-index (subspace balls, plain-torch backend) over the same keys at eps 1e-3. Writes JSON and a
-latency plot (PNG beside it).
+first build includes compilation), the cost of a flush (host, GPU, and what the decode stream
+pays for it: it runs on a side stream after the next step), the dense path's bandwidth against
+a device-to-device copy, and the original paper's index (subspace balls, plain-torch backend)
+over the same keys at eps 1e-3. Writes JSON and a latency plot (PNG beside it).
 
 Keys beyond one capture are the capture repeated (said so in the JSON).
 
@@ -278,44 +278,86 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     row["dense_us"] = dense_ms * 1e3
     row["dense_bytes_per_s"] = keys.shape[0] * n_ctx * (d + values.shape[2]) * item / (
         dense_ms * 1e-3)
-    row.update(flush_times(index, keys, values, dev))
+    row.update(flush_times(index, keys, values, q, dev))
     return row
 
 
-def flush_times(index: LouverIndex, keys: torch.Tensor, values: torch.Tensor,
-                dev: torch.device, reps: int = 5) -> dict[str, float]:
-    """Cost of a flush, median over ``reps`` (after one round that is not counted: it records
-    the flush's CUDA graph, and may grow the storage): fill the buffer to two keys short, time
-    a one-key append that does not flush, then the one that flushes (validate=False, as the
-    service appends): append_host_us / flush_host_us = wall time of the call (host work; the
-    GPU runs it asynchronously), flush_us = wall time until the GPU finished the flush,
-    flush_gpu_us = CUDA-event time from its first launch to its completion."""
+def flush_times(index: LouverIndex, keys: torch.Tensor, values: torch.Tensor, q: torch.Tensor,
+                dev: torch.device, reps: int = 5, others: int = 8) -> dict[str, float]:
+    """Cost of a decode-time flush, median over ``reps`` (after one round that is not counted:
+    it records the flush's CUDA graph, and may grow the storage). A flush runs after the step
+    that follows the append filling the buffer, on a side stream (LouverIndex._after_step).
+
+    - append_host_us: host time of a one-key append (validate=False, as the service appends).
+    - flush_host_us: host time of the step call that launches a flush minus that of one that
+      does not.
+    - flush_gpu_us: GPU time of the flush alone (its CUDA graph on the decode stream, events).
+    - flush_visible_us: what decoding pays for it: CUDA-event time on the decode stream of the
+      step that launches it followed by ``others`` steps of another layer (an index over the
+      same keys), minus the same sequence without a flush (0: hidden; the flush still takes
+      SMs from the steps it overlaps)."""
     seg = index.config.buffer_size
-    host, total, gpu, plain = [], [], [], []
-    for rep in range(reps + 1):
-        index.append(keys[:, : seg - 2], values[:, : seg - 2], validate=False)
+    hq = q.shape[0]
+    other = LouverIndex.build(keys, values, index.config)
+    step = CapturedStep(index, Relative(1e-3), hq, q_dtype=q.dtype)
+    other_step = CapturedStep(other, Relative(1e-3), hq, q_dtype=q.dtype)
+    one_k, one_v = keys[:, :1], values[:, :1]
+
+    def fill_to(b: int) -> None:
+        step(q)                                # publishes an earlier flush
+        need = b - index.num_buffered
+        if need > 0:
+            index.append(keys[:, :need], values[:, :need], validate=False)
+        step(q)
         _sync(dev)
+
+    def timed_append() -> float:
         t0 = time.perf_counter()
-        index.append(keys[:, :1], values[:, :1], validate=False)
-        t1 = time.perf_counter()
-        _sync(dev)
+        index.append(one_k, one_v, validate=False)
+        return (time.perf_counter() - t0) * 1e6
+
+    def timed_sequence() -> tuple[float, float]:
+        """(host us of the step call, decode-stream us of the step and the other steps)"""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        t2 = time.perf_counter()
         start.record()
-        index.append(keys[:, :1], values[:, :1], validate=False)
+        t0 = time.perf_counter()
+        step(q)
+        host = (time.perf_counter() - t0) * 1e6
+        for _ in range(others):
+            other_step(q)
         end.record()
-        t3 = time.perf_counter()
         _sync(dev)
-        t4 = time.perf_counter()
+        return host, start.elapsed_time(end) * 1e3
+
+    plain, host_a, host_b, seq_a, seq_b, gpu = [], [], [], [], [], []
+    for rep in range(reps + 1):
+        fill_to(seg - 2)
+        plain_us = timed_append()                    # seg - 1 buffered: no flush due
+        hb, tb = timed_sequence()
+        _sync(dev)
+        timed_append()                               # seg buffered: a flush is due
+        ha, ta = timed_sequence()                    # the step, then the flush on the side
+        fill_to(seg - 1)
+        index.append(one_k, one_v, validate=False)   # due again: the flush alone, timed
+        index._flush_due = False
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        index._index_pending(captured=True)
+        end.record()
+        _sync(dev)
         if rep == 0:
             continue
-        plain.append((t1 - t0) * 1e6)
-        host.append((t3 - t2) * 1e6)
-        total.append((t4 - t2) * 1e6)
+        plain.append(plain_us)
+        host_a.append(ha)
+        host_b.append(hb)
+        seq_a.append(ta)
+        seq_b.append(tb)
         gpu.append(start.elapsed_time(end) * 1e3)
     return {"append_host_us": statistics.median(plain),
-            "flush_host_us": statistics.median(host), "flush_us": statistics.median(total),
-            "flush_gpu_us": statistics.median(gpu)}
+            "flush_host_us": statistics.median(host_a) - statistics.median(host_b),
+            "flush_gpu_us": statistics.median(gpu),
+            "flush_visible_us": statistics.median(seq_a) - statistics.median(seq_b),
+            "flush_sequence_us": statistics.median(seq_b)}
 
 
 def make_capture(source: str, layer: int, queries: int, out: str) -> None:
@@ -431,7 +473,7 @@ def main() -> None:
         print(f"{'N':>7} {'sdpa us':>8} " + " ".join(
             f"{'eps' + str(e):>10} {'graph':>7} {'x':>5} {'cand':>6} {'auto':>7}"
             for e in eps_list)
-            + f" {'FN':>3} {'dense us':>8} {'build Mk/s':>10} {'flush us':>8}"
+            + f" {'FN':>3} {'dense us':>8} {'build Mk/s':>10} {'flush us':>8} {'visible':>7}"
             + f" {'balls us':>9} {'cand':>6} {'FN':>3}")
         rows = []
         for n_ctx in [int(x) for x in args.contexts.split(",")]:
@@ -448,7 +490,8 @@ def main() -> None:
                             for e in eps_list)
             print(f"{n_ctx:7d} {row['sdpa_us']:8.1f} {cols} {row['false_negatives']:3d} "
                   f"{row['dense_us']:8.1f} {row['build_keys_per_s'] / 1e6:10.2f} "
-                  f"{row['flush_us']:8.0f} {row['balls_eps0.001_us']:9.1f} "
+                  f"{row['flush_gpu_us']:8.0f} {row['flush_visible_us']:7.1f} "
+                  f"{row['balls_eps0.001_us']:9.1f} "
                   f"{row['balls_cand_frac_eps0.001']:6.3f} {row['balls_false_negatives']:3d}",
                   flush=True)
             for key in ("stages_us", "sweep_us"):

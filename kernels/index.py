@@ -31,12 +31,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from louver_kernels import reference as ref
 from louver_kernels.config import IndexConfig, IndexKind
 from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK, mass_tau
+
+if TYPE_CHECKING:
+    from louver_kernels.triton.encode import CapturedFlush
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Keys must keep float32 scores finite: |k_i| <= 2^64 keeps q.k far below float32's max for any
@@ -139,8 +143,11 @@ class LouverIndex:
         self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
         self._step_scratch: object | None = None
         # Triton backend: the decode-time flush (triton.encode.CapturedFlush, a CUDA graph on
-        # CUDA) over the current storage, dropped when the storage is reallocated
-        self._flush: object | None = None
+        # CUDA) over the current storage, dropped when the storage is reallocated; whether an
+        # append filled the buffer and the flush waits for the next step (_after_step)
+        self._flush: CapturedFlush | None = None
+        self._flush_due = False
+        self._unpublished: int | None = None   # see _after_step
         h = num_kv_heads
         if config.kind is IndexKind.BALLS:
             s = config.num_subspaces
@@ -302,34 +309,73 @@ class LouverIndex:
                 MAX_KEY_ABS (one host synchronization on a GPU). Pass False only when the
                 caller has checked them in the storage dtype (the service does while decoding
                 a request); shapes and dtypes are checked either way.
-        The keys enter the recent buffer (attended exactly); a full buffer is flushed into the
-        index. Nothing is changed if validation fails.
+        The keys enter the recent buffer (attended exactly). A full buffer is flushed into the
+        index after the next step (``attend`` or a CapturedStep call, see ``_after_step``), or
+        at the next append if no step came in between. Nothing is changed if validation fails.
         """
-        self._store(keys, values, validate)
-        if self.num_buffered >= self.config.buffer_size:
+        self._await_flush()
+        if self._flush_due:
+            self._flush_due = False
             self._index_pending(captured=True)
+        self._store(keys, values, validate)
+        self._flush_due = self.num_buffered >= self.config.buffer_size
+
+    def _after_step(self) -> None:
+        """The end of a decode step: run the flush that the last append made due, after the
+        step, which read those keys as buffer keys (attended exactly). On CUDA (Triton
+        backend) it is the CapturedFlush's graph on a side stream: the work queued after the
+        step (the other layers' steps) overlaps it instead of waiting for it. Its keys count
+        as indexed (num_indexed, what the host sees) from the next operation on this index on,
+        which waits for it (``_await_flush``): until then the index reads as the step saw it."""
+        if self._flush_due:
+            self._flush_due = False
+            self._await_flush()
+            self._unpublished = self._encode_pending(captured=True, side=True)
+
+    def _await_flush(self) -> None:
+        """Order the current stream after a side-stream flush of this index still in flight
+        (no host synchronization), and count the keys of a flush run by _after_step as
+        indexed. Every operation that reads or writes the records, the counters or the
+        storage calls it first."""
+        if self._flush is not None:
+            self._flush.wait()
+        if self._unpublished is not None:
+            self._publish(self._unpublished)
+            self._unpublished = None
 
     def _index_pending(self, captured: bool = False) -> None:
-        """Index every stored key (the buffer becomes empty). ``captured``: a decode-time flush,
-        which may replay the index's CapturedFlush (a build launches: its storage usually grows
-        before the next flush, which would waste the graph)."""
+        """Index every stored key now (the buffer becomes empty). ``captured``: a decode-time
+        flush, which may replay the index's CapturedFlush (a build launches: its storage usually
+        grows before the next flush, which would waste the graph)."""
+        self._await_flush()
+        self._publish(self._encode_pending(captured))
+
+    def _encode_pending(self, captured: bool, side: bool = False) -> int:
+        """Write the records of the buffered keys [num_indexed, num_keys) and the device
+        counter of indexed keys; returns num_keys (the host's num_indexed is the caller's).
+        ``captured``, ``side``: see _index_pending and _replay_flush."""
         start, end = self.num_indexed, self.num_keys
         if end <= start:
-            return
+            return start
         # the replay (Triton backend only) publishes num_indexed itself and needs no key view
-        published = captured and self._replay_flush(start, end)
-        if not published:
-            k = self._keys[:, start:end]
-            if not self.uses_triton:   # the Triton encoder raises _kmax itself (no sync)
-                self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
-            if self.config.kind is IndexKind.BALLS:
-                self._encode_balls(k, start, end)
-            else:
-                self._encode_quant(k, start, end)
-        self.num_indexed = end
-        self.num_flushes += 1
-        if self._counters is not None and not published:
-            self._counters[0].fill_(self.num_indexed)
+        if captured and self._replay_flush(start, end, side):
+            return end
+        k = self._keys[:, start:end]
+        if not self.uses_triton:   # the Triton encoder raises _kmax itself (no sync)
+            self._kmax = torch.maximum(self._kmax, ref.key_norm_max(k))
+        if self.config.kind is IndexKind.BALLS:
+            self._encode_balls(k, start, end)
+        else:
+            self._encode_quant(k, start, end)
+        if self._counters is not None:
+            self._counters[0].fill_(end)
+        return end
+
+    def _publish(self, end: int) -> None:
+        """The keys below ``end`` (records written) count as indexed."""
+        if end > self.num_indexed:
+            self.num_indexed = end
+            self.num_flushes += 1
 
     def device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_indexed, num_keys) as int32 [1] tensors on the index's device, kept up to date
@@ -341,13 +387,14 @@ class LouverIndex:
                 torch.full((1,), self.num_keys, dtype=torch.int32, device=self.device))
         return self._counters
 
-    def _replay_flush(self, start: int, end: int) -> bool:
+    def _replay_flush(self, start: int, end: int, side: bool = False) -> bool:
         """Encode [start, end) with the index's CapturedFlush (made on first use for the
         current storage: a CUDA graph on CUDA, eager launches otherwise), which also publishes
         num_indexed = end in the device counters, where that applies: the Triton backend and
         a range of at most two segments from the start of num_indexed's segment (longer ranges
         take _encode_quant's launch). The same records as _encode_quant. Using it creates the
-        device counters, which every append then keeps current (one small fill)."""
+        device counters, which every append then keeps current (one small fill). ``side``: on
+        the side stream (CapturedFlush)."""
         if not self.uses_triton:
             return False
         from louver_kernels.triton.encode import CapturedFlush
@@ -356,8 +403,7 @@ class LouverIndex:
             return False
         if self._flush is None:
             self._flush = CapturedFlush(self, graph=self.device.type == "cuda")
-        assert isinstance(self._flush, CapturedFlush)
-        self._flush(start, end)
+        self._flush(start, end, side=side)
         return True
 
     def _encode_balls(self, k: torch.Tensor, start: int, end: int) -> None:
@@ -481,6 +527,7 @@ class LouverIndex:
         Returns:
             float32 [Hq, num_indexed]: UB >= fl32(q.k_n) for every indexed key n.
         """
+        self._await_flush()
         n = self.num_indexed
         if self.config.kind is IndexKind.BALLS:
             ub = ref.balls_bound(q, self._centers, self._radii, self._ids[:, :n])
@@ -588,10 +635,13 @@ class LouverIndex:
             with float32 score >= tau (all of them are candidates: zero false negatives).
         """
         q = self._validate_q(q) if validate else self._check_q_shape(q)
+        self._await_flush()
         if self.uses_triton and isinstance(policy, (Fixed, Relative, Dense)):
             from louver_kernels.triton import decode
 
-            return decode.attend(self, q, policy)
+            out = decode.attend(self, q, policy)
+            self._after_step()
+            return out
         n, total = self.num_indexed, self.num_keys
         s_all = ref.scores(q, self._keys[:, :total])        # exact float32 [Hq, total]
         s_idx, s_buf = s_all[:, :n], s_all[:, n:]
@@ -615,7 +665,7 @@ class LouverIndex:
         out, lse = ref.masked_attention(q, self._keys[:, :total], self._values[:, :total],
                                         attend, self.scale)
         b = total - n
-        return AttendOutput(
+        result = AttendOutput(
             output=out,
             lse=lse,
             tau=tau.float(),
@@ -623,6 +673,8 @@ class LouverIndex:
             num_attended=attend.sum(dim=1),
             dropped_mass_bound=dropped.float(),
         )
+        self._after_step()
+        return result
 
     def _certify(self, ub: torch.Tensor, s_idx: torch.Tensor, s_buf: torch.Tensor,
                  tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -608,6 +608,7 @@ class CapturedStep:
         if tuple(q.shape) != tuple(self.q.shape) or q.dtype != self.q.dtype:
             raise ValueError(f"q must be {self.q.dtype} {list(self.q.shape)}, got {q.dtype} "
                              f"{list(q.shape)}")
+        self.index._await_flush()
         if policy is not None:
             if self.tau_in is None or not isinstance(policy, Fixed):
                 raise ValueError("only a step built for a Fixed policy takes a Fixed policy "
@@ -615,6 +616,12 @@ class CapturedStep:
             # checks the count (Fixed checked the values); the graph reads tau_in at replay
             self.tau_in.copy_(policy.taus(self.hq))
             self.policy = policy
+        out = self._step(q)
+        self.index._after_step()
+        return out
+
+    def _step(self, q: torch.Tensor) -> AttendOutput:
+        """The replay of this step, or with the fallback the faster of it and the Dense one."""
         if self._faster is None:
             return self._replay(q)
         variant, timed = self._faster.pick()

@@ -66,6 +66,8 @@ the publication of the new num_indexed, and replays it (CapturedFlush).
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import TYPE_CHECKING, no_type_check
 
 import torch
@@ -86,7 +88,7 @@ from louver_kernels.triton._launch import (
 if TYPE_CHECKING:
     from louver_kernels.index import LouverIndex
 
-__all__ = ["CapturedFlush", "quant_encode_counted", "quant_encode_packed"]
+__all__ = ["CapturedFlush", "quant_encode_counted", "quant_encode_packed", "side_stream"]
 
 _VELTKAMP = tl.constexpr(134217729.0)  # 2^27 + 1: splits a float64 into two halves of <= 26 bits
 _RINT_MAGIC = tl.constexpr(8388608.0)  # 2^23: (x + 2^23) - 2^23 = round-half-even(x), 0 <= x < 2^22
@@ -500,6 +502,13 @@ def _launch(keys: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torc
 class CapturedFlush:
     """A decode-time flush of a LouverIndex (Triton backend) as one CUDA graph replay.
 
+    With ``side=True`` the replay runs on a side stream of the device (``side_stream``), after
+    the work queued so far on the current stream, and returns at once: the work queued after it
+    overlaps it. ``wait()`` orders the current stream after it (no host synchronization); the
+    index calls it before every operation that touches its records (LouverIndex._await_flush),
+    and the object synchronizes with a flush still in flight before it is freed (its graph and
+    the storage it writes stay alive until then).
+
     The flush reads its positions from the index's device counters (``device_counters``:
     num_indexed, num_keys; append keeps num_keys current) and publishes num_indexed = num_keys
     there itself, so a replay takes no argument from the host, and nothing is kept in step
@@ -529,8 +538,12 @@ class CapturedFlush:
             n_idx.copy_(n_keys)
 
         self._flush = flush
+        self.device = index.device
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._done: torch.cuda.Event | None = None
+        self._pending = False
         if graph:
+            self._done = torch.cuda.Event()
             # compile the kernel outside the graph: positions (0, 0) encode nothing
             zero = torch.zeros(1, dtype=torch.int32, device=index.device)
             quant_encode_counted(*storage, num_indexed=zero, num_keys=zero, **opts)
@@ -542,12 +555,52 @@ class CapturedFlush:
         index's buffer_size)."""
         return end - start // segment_size * segment_size <= cls.SEGMENTS * segment_size
 
-    def __call__(self, start: int, end: int) -> None:
+    def __call__(self, start: int, end: int, side: bool = False) -> None:
         """Encode [start // B * B, end) with the norms from ``start`` and publish
-        num_indexed = end; (start, end) must be what the device counters hold."""
+        num_indexed = end; (start, end) must be what the device counters hold. ``side``: on
+        the side stream (a CUDA graph only; otherwise on the current stream)."""
         if not self.covers(start, end, self.segment_size):
             raise ValueError(f"a flush of [{start}, {end}) is longer than the captured grid")
-        if self._graph is not None:
+        if self._graph is None:
+            self._flush()
+        elif not side:
             self._graph.replay()
         else:
-            self._flush()
+            assert self._done is not None
+            stream = side_stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._graph.replay()
+            self._done.record(stream)
+            self._pending = True
+
+    def wait(self) -> None:
+        """Order the current stream after the last side-stream flush (a no-op once it is
+        known to be done)."""
+        if not self._pending:
+            return
+        assert self._done is not None
+        if self._done.query():
+            self._pending = False
+        else:
+            torch.cuda.current_stream(self.device).wait_event(self._done)
+
+    def __del__(self) -> None:
+        if self._pending and self._done is not None:
+            with contextlib.suppress(Exception):   # at interpreter exit CUDA may be gone
+                self._done.synchronize()
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_LOCK = threading.Lock()
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream of ``device`` that side-stream flushes run on (one per device, made once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with _SIDE_LOCK:
+        stream = _SIDE_STREAMS.get(index)
+        if stream is None:
+            stream = torch.cuda.Stream(device)
+            _SIDE_STREAMS[index] = stream
+        return stream

@@ -95,6 +95,12 @@ def test_appends_keep_the_contract(config: IndexConfig, dtype: torch.dtype, seed
             assert_superset(index, q, tau_on_a_key(s, gen))
     stored, _ = index.keys_range(0, index.num_keys)
     assert torch.equal(stored, torch.cat(appended, dim=1))
+    # a full buffer is flushed after the next step (or at the next append); its keys count as
+    # indexed from the operation after that step on
+    assert index.num_buffered < config.buffer_size + 3
+    q = torch.randn(hq, d, generator=gen).to(dtype)
+    index.attend(q, Relative(1e-3))
+    index.bounds(q)
     assert index.num_buffered < config.buffer_size
 
 
@@ -192,6 +198,11 @@ def test_fixed_policy_and_empty_attention() -> None:
     assert (index.num_indexed, index.num_buffered) == (48, 3)
     assert index.attend(q, Fixed(1.0e9)).num_attended.tolist() == [3, 3]
     index.append(torch.randn(1, 5, 16, generator=gen), torch.randn(1, 5, 16, generator=gen))
+    # the buffer is full: its keys are indexed after the next step, which attends them exactly
+    assert (index.num_indexed, index.num_buffered) == (48, 8)
+    assert index.attend(q, Fixed(1.0e9)).num_attended.tolist() == [8, 8]
+    assert (index.num_indexed, index.num_buffered) == (48, 8)   # what that step saw
+    assert index.attend(q, Fixed(1.0e9)).num_attended.tolist() == [0, 0]
     assert (index.num_indexed, index.num_buffered) == (56, 0)
 
 

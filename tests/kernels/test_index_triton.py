@@ -187,9 +187,12 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
                               quant_bits=6, quant_coarse_bits=4, probe_recent=16)
     steps = {p: decode.CapturedStep(g_idx, p, hkv * g, graph=CUDA)
              for p in (Relative(1e-3), Dense(), Fixed(0.0))}
-    for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256 + flush), 262
+    for t, extra in enumerate((7, 20, 5)):   # 237, 257 (growth past 256), 262 (flush due)
         append_same((t_idx, g_idx), "clustered", extra, gen)
         q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        # the steps below compare different calls over one state: run a due flush first
+        for index in (t_idx, g_idx):
+            index.attend(q.to(index.device), Dense())
         s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
         # the Fixed step takes new thresholds at every call: between two distinct scores
         gaps = [float(u[len(u) // 2 - 1] + u[len(u) // 2]) / 2
@@ -217,6 +220,59 @@ def test_captured_step_body_tracks_appends_flushes_and_growth() -> None:
         steps[Dense()](q, Fixed(0.0))
     with pytest.raises(ValueError, match="expected 1 or 3"):
         steps[Fixed(0.0)](q, Fixed([0.0, 1.0]))
+
+
+def test_captured_step_runs_a_due_flush_after_the_step() -> None:
+    """An append that fills the buffer leaves its keys in the buffer for the next step (the
+    captured step attends them exactly, like the torch backend's attend); the flush runs after
+    that step (on CUDA on a side stream) and the following steps see the keys indexed."""
+    gen = torch.Generator().manual_seed(5)
+    hkv, g, d, dtype = 2, 2, 64, torch.float16
+    t_idx, g_idx = build_pair("random", hkv, 100, d, dtype, gen, buffer_size=16,
+                              quant_bits=6, quant_coarse_bits=4, probe_recent=8)
+    step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
+    for t in range(40):   # crosses two flushes
+        append_same((t_idx, g_idx), "random", 1, gen)
+        due = g_idx.num_buffered >= 16
+        assert t_idx.num_buffered == g_idx.num_buffered
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        want = t_idx.attend(q, Relative(1e-3))
+        got = step(q.to(DEVICE))
+        check_step(t_idx, q, s, want, got, Relative(1e-3), f"append {t}")
+        # the buffer was attended whole: the step saw the unflushed state
+        assert int(got.num_candidates.min()) >= g_idx.num_buffered
+        if due:
+            flushes = g_idx.num_flushes
+            g_idx.bounds(q.to(DEVICE))            # the next operation counts the keys
+            assert g_idx.num_buffered == 0 and g_idx.num_flushes == flushes + 1
+    assert g_idx.num_flushes == t_idx.num_flushes >= 2
+
+
+@pytest.mark.skipif(not CUDA, reason="side streams and CUDA graphs")
+def test_side_stream_flushes_between_layers() -> None:
+    """Two layers decoded token by token: each layer's flush runs on the side stream while the
+    other layer's step runs; every step matches the torch backend, and an index freed with a
+    flush in flight is safe."""
+    gen = torch.Generator().manual_seed(8)
+    hkv, g, d, dtype = 3, 3, 64, torch.float16
+    layers = [build_pair("clustered", hkv, 3000, d, dtype, gen, buffer_size=64)
+              for _ in range(2)]
+    steps = [decode.CapturedStep(g_idx, Relative(1e-3), hkv * g) for _, g_idx in layers]
+    for t in range(150):                        # two flushes per layer
+        for (t_idx, g_idx), step in zip(layers, steps, strict=True):
+            append_same((t_idx, g_idx), "clustered", 1, gen)
+            q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+            got = step(q.to(DEVICE))
+            want = t_idx.attend(q, Relative(1e-3))
+            s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+            check_step(t_idx, q, s, want, got, Relative(1e-3), f"token {t}")
+    assert all(g_idx.num_flushes >= 2 for _, g_idx in layers)
+    _, g_idx = layers[0]
+    append_same((g_idx,), "clustered", 64, gen)                     # fills the buffer
+    steps[0](torch.randn(hkv * g, d, device=DEVICE, dtype=dtype))   # launches a flush
+    del steps, layers, g_idx
+    torch.cuda.synchronize()
 
 
 def test_faster_times_both_variants_then_runs_the_faster() -> None:
