@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["load_scalar"]
+__all__ = ["load_scalar", "query_error"]
 
 
 @triton.jit
@@ -16,3 +16,15 @@ def load_scalar(ptr, value, ON_DEVICE: tl.constexpr):
         return tl.load(ptr).to(tl.int32)
     else:
         return value
+
+
+@triton.jit
+def query_error(q_ptr, kh, stride_qh, max_abs, G: tl.constexpr, G_P: tl.constexpr,
+                D: tl.constexpr):
+    """1 if an entry of the G query heads of KV head kh (rows kh * G + g of q) is NaN, +-Inf or
+    above max_abs in magnitude, else 0 (int32; NaN fails the comparison, so it counts)."""
+    offs_g = tl.arange(0, G_P)
+    offs_d = tl.arange(0, D)
+    qg = tl.load(q_ptr + (kh * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                 mask=(offs_g < G)[:, None], other=0.0).to(tl.float32)
+    return tl.max(tl.max(tl.where(tl.abs(qg) <= max_abs, 0, 1), axis=1), axis=0)

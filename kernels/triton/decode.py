@@ -18,9 +18,9 @@ Launches (eager, ``attend``): three, and no host synchronization on the step its
 3. ``sparse_attention`` with below_lse and the fused certificate: out, lse, num_attended,
    dropped_mass_bound and num_candidates (written by each KV head's last-arriving program).
 
-A Dense policy runs the prologue (q's check; tau = -inf) and then ``dense_attention`` over
-every key (two launches: the split-K pass on tensor cores and its merge); dropped_mass_bound
-is 0 and num_candidates the number of keys.
+A Dense policy runs ``dense_attention`` over every key instead (two launches: the split-K pass
+on tensor cores, and its merge, which also writes tau = -inf, dropped_mass_bound = 0,
+num_candidates = the number of keys and the check of q).
 
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
@@ -43,7 +43,7 @@ import triton.language as tl
 
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
-from louver_kernels.triton._device import load_scalar
+from louver_kernels.triton._device import load_scalar, query_error
 from louver_kernels.triton._launch import CounterPool, capture_graph, next_pow2
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.dense_attention import dense_attention
@@ -138,7 +138,7 @@ def _prologue_kernel(
                const (float64 [3], slack_constants)
     bad[kh]  = 1 if any entry of the G heads of kh is NaN, +-Inf or above max_abs in magnitude
                (the last program)
-    tau[h]   = -inf (Dense) | tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
+    tau[h]   = tau_in[h] (Fixed) | m_lo[h] - tau_off (Relative), with m_lo the
                largest float32 score over positions [0, min(SINKS, total)) and
                [max(head, min(total - RECENT, n)), total) (probe_max's construction).
 
@@ -167,14 +167,8 @@ def _prologue_kernel(
             q64 = tl.load(q_ptr + (kh * G + g) * stride_qh + offs_d).to(tl.float64)
             qn = tl.sqrt(tl.sum(q64 * q64, axis=0))
             tl.store(slack_ptr + kh * G + g, (qn * coef).to(tl.float32))
-        # NaN fails the comparison, so it counts as bad too
-        qg = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :],
-                     mask=g_ok[:, None], other=0.0).to(tl.float32)
-        tl.store(bad_ptr + kh, tl.max(tl.max(tl.where(tl.abs(qg) <= max_abs, 0, 1), axis=1),
-                                      axis=0))
-        if MODE == 0:
-            tl.store(tau_ptr + heads, tl.full([G_P], float("-inf"), tl.float32), mask=g_ok)
-        elif MODE == 1:
+        tl.store(bad_ptr + kh, query_error(q_ptr, kh, stride_qh, max_abs, G, G_P, D))
+        if MODE == 1:
             tl.store(tau_ptr + heads, tl.load(tau_in_ptr + heads, mask=g_ok), mask=g_ok)
     elif MODE == 2:
         n = load_scalar(n_ptr, n_value, ON_DEVICE)
@@ -336,6 +330,16 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     num_splits, block_n, num_warps; maxnreg for the filter)."""
     tuning = tuning or {}
     cfg = index.config
+    if mode == MODE_DENSE:
+        # every key attended: no prologue, no filter; K and V streamed [0, buffer_end) on tensor
+        # cores, and the merge launch writes the step's other outputs and checks q
+        if stages >= 3:
+            dense_attention(q, index._keys, index._values, scale=index.scale,
+                            end=index.num_keys if counts is None else counts[1], out=out,
+                            lse=lse, num_attended=num_att,
+                            step_outputs=(tau, dropped, num_cand, bad),
+                            max_query_abs=_max_query_abs(), **tuning.get("dense", {}))
+        return
     if stages < 1:
         return
     _prologue(index, q, mode, tau_off, tau_in, tau, sc.slack, sc.slack_const, bad, counts)
@@ -349,16 +353,6 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     else:
         lo, step = index._lo, index._step
         n_arg, bs, be = counts[0], counts[0], counts[1]
-    if mode == MODE_DENSE:
-        # every key attended: no filter, K and V streamed [0, buffer_end) on tensor cores
-        if stages < 3:
-            return
-        dense_attention(q, index._keys, index._values, scale=index.scale, end=be, out=out,
-                        lse=lse, num_attended=num_att, **tuning.get("dense", {}))
-        dropped.zero_()
-        num_cand.copy_(be.expand(num_cand.shape[0]) if isinstance(be, torch.Tensor)
-                       else torch.full_like(num_cand, be))
-        return
     quant_filter(
         q, index._codes, index._err, lo, step, sc.slack, tau, num_indexed=n_arg,
         bits=cfg.quant_bits, coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group,

@@ -38,13 +38,14 @@ P operand cross warps through shared memory at every block).
 
 from __future__ import annotations
 
+import math
 from typing import no_type_check
 
 import torch
 import triton
 import triton.language as tl
 
-from louver_kernels.triton._device import load_scalar
+from louver_kernels.triton._device import load_scalar, query_error
 from louver_kernels.triton._launch import (
     check_attention_inputs,
     check_bound,
@@ -191,11 +192,14 @@ def _dense_attention_kernel(
 @no_type_check
 def _dense_merge_kernel(
     ws_ptr, end_ptr, out_ptr, lse_ptr, natt_ptr,
-    scale, end, cap, n_split, n_slots,
-    G: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr,
-    END_ON_DEVICE: tl.constexpr, CHUNK: tl.constexpr,
+    q_ptr, tau_ptr, dropped_ptr, ncand_ptr, bad_ptr,
+    scale, end, cap, n_split, n_slots, max_abs, stride_qh,
+    G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr, END_ON_DEVICE: tl.constexpr,
+    CHUNK: tl.constexpr, STEP: tl.constexpr,
 ):
-    """Query head h's partials merged (online max over CHUNK slots at a time); its outputs."""
+    """Query head h's partials merged (online max over CHUNK slots at a time); its outputs.
+    STEP: also the decode step's (see dense_attention)."""
     h = tl.program_id(0)
     LOG2E: tl.constexpr = 1.4426950408889634
     C = scale * LOG2E
@@ -226,6 +230,12 @@ def _dense_merge_kernel(
     qh = h + tl.arange(0, 1)
     store_outputs(out_ptr, lse_ptr, natt_ptr, qh, qh >= 0, m_tot, l_tot, o_tot,
                   tl.zeros([1], tl.int32) + n, scale, DV)
+    if STEP:
+        tl.store(tau_ptr + qh, tl.full([1], float("-inf"), tl.float32))
+        tl.store(dropped_ptr + qh, tl.zeros([1], tl.float32))
+        tl.store(ncand_ptr + qh, tl.zeros([1], tl.int64) + n)
+        if h % G == 0:   # one program per KV head checks its query heads
+            tl.store(bad_ptr + h // G, query_error(q_ptr, h // G, stride_qh, max_abs, G, G_P, D))
 
 
 _INTERPRETED = interpreted(_dense_attention_kernel)   # no tl.range pipelining there
@@ -253,6 +263,8 @@ def dense_attention(
     num_stages: int | None = None,
     num_warps: int | None = None,
     p_split: bool = True,
+    step_outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    max_query_abs: float = math.inf,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attention of every query head over keys [0, end) of its KV head, for one decode step.
 
@@ -273,6 +285,11 @@ def dense_attention(
         block_n, num_stages, num_warps: tile rows, pipeline depth, warps (defaults by head dim).
         p_split: carry each softmax weight as hi + lo in the 16-bit P @ V (see the module
             docstring); False rounds it once, like FlashAttention.
+        step_outputs: (tau float32 [Hq], dropped float32 [Hq], num_candidates int64 [Hq],
+            q_error int32 [Hkv]), contiguous, on q's device: the rest of a Dense decode step's
+            outputs, written by the merge launch (the step needs no other launch): tau = -inf,
+            dropped = 0, num_candidates = end, q_error[kh] = 1 if an entry of KV head kh's
+            query heads is NaN, +-Inf or above max_query_abs in magnitude, else 0.
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq] = end). With end = 0 every
@@ -305,6 +322,16 @@ def dense_attention(
     check_out("out", out, (hq, dv), (torch.float32,), dev_id)
     check_out("lse", lse, (hq,), (torch.float32,), dev_id)
     check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    if step_outputs is not None:
+        if not isinstance(step_outputs, tuple) or len(step_outputs) != 4:
+            raise ValueError("step_outputs must be (tau, dropped, num_candidates, q_error)")
+        for name, t, shape, dtype in zip(
+                ("tau", "dropped", "num_candidates", "q_error"), step_outputs,
+                ((hq,), (hq,), (hq,), (hkv,)),
+                (torch.float32, torch.float32, torch.int64, torch.int32), strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"step_outputs' {name} must be a tensor")
+            check_out(name, t, shape, (dtype,), dev_id)
     if out is None:
         out = torch.empty(hq, dv, dtype=torch.float32, device=device)
     if lse is None:
@@ -333,10 +360,13 @@ def dense_attention(
         P_SPLIT=p_split, PREC="ieee" if not sixteen else "tf32", NUM_STAGES=num_stages,
         PIPELINE=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )
+    tau, dropped, ncand, bad = step_outputs if step_outputs is not None else (out,) * 4
     _dense_merge_kernel[(hq,)](
         workspace, end_arg, out, lse, num_attended,
-        float(scale), e, cap, num_splits, n_slots,
-        G=g, DV=dv, BLOCK_N=block_n, MIN_BLOCKS=min_blocks, END_ON_DEVICE=e_t is not None,
-        CHUNK=max(1, 4096 // dv), num_warps=4,
+        q, tau, dropped, ncand, bad,
+        float(scale), e, cap, num_splits, n_slots, float(max_query_abs), q.stride(0),
+        G=g, G_P=next_pow2(g), D=d, DV=dv, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
+        END_ON_DEVICE=e_t is not None, CHUNK=max(1, 4096 // dv),
+        STEP=step_outputs is not None, num_warps=4,
     )
     return out, lse, num_attended

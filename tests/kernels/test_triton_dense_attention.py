@@ -187,6 +187,32 @@ def test_millions_of_keys(shape: tuple[int, int, int]) -> None:
     check(got, _want(q, keys, values, n, 1.0 / math.sqrt(d)), n + d)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter on the bad heads
+def test_step_outputs_and_query_check() -> None:
+    """step_outputs: tau = -inf, dropped = 0, num_candidates = end; q_error flags the KV heads
+    whose query heads hold NaN or an entry above max_query_abs (their outputs are meaningless,
+    the others' are not affected)."""
+    gen, seed = gen_seed()
+    hkv, g, d, n = 3, 3, 64, 90
+    keys = storage(hkv, n, n, d, torch.float16, gen)
+    values = storage(hkv, n, n, d, torch.float16, gen)
+    q = make_q(hkv * g, d, torch.float32, gen)
+    q[1 * g + 2, 5] = math.nan          # KV head 1
+    q[2 * g, 0] = 1.0e6                 # KV head 2
+    tau = torch.full((hkv * g,), 7.0, device=DEVICE)
+    dropped = torch.full((hkv * g,), 7.0, device=DEVICE)
+    ncand = torch.full((hkv * g,), -1, dtype=torch.int64, device=DEVICE)
+    bad = torch.full((hkv,), -1, dtype=torch.int32, device=DEVICE)
+    got = _run(q, keys, values, n, 0.125, step_outputs=(tau, dropped, ncand, bad),
+               max_query_abs=1.0e4)
+    assert bad.tolist() == [0, 1, 1], seed
+    assert (tau == -math.inf).all() and (dropped == 0).all() and (ncand == n).all()
+    good = slice(0, g)
+    check(tuple(t[good] for t in got), tuple(t[good] for t in _want(q[good], keys[:1],
+                                                                     values[:1], n, 0.125)),
+          seed)
+
+
 def _valid_args() -> dict:
     return dict(q=torch.randn(4, 64, device=DEVICE), keys=torch.randn(2, 32, 64, device=DEVICE),
                 values=torch.randn(2, 32, 64, device=DEVICE), scale=0.125, end=30)
@@ -211,6 +237,9 @@ def _valid_args() -> dict:
     (dict(block_n=48), "block_n"),
     (dict(num_stages=0), "num_stages"),
     (dict(p_split=1), "p_split"),
+    (dict(step_outputs=(torch.zeros(4),) * 3), "step_outputs"),
+    (dict(step_outputs=(torch.zeros(4), torch.zeros(4), torch.zeros(4, dtype=torch.int64),
+                        torch.zeros(3, dtype=torch.int32))), "q_error must be"),
 ])
 def test_validation(change: dict, match: str) -> None:
     args = _valid_args()
