@@ -311,14 +311,19 @@ class LouverIndex:
                 a request); shapes and dtypes are checked either way.
         The keys enter the recent buffer (attended exactly). A full buffer is flushed into the
         index after the next step (``attend`` or a CapturedStep call, see ``_after_step``), or
-        at the next append if no step came in between. Nothing is changed if validation fails.
+        at the next append if no step came in between; a buffer of two full buffers or more (a
+        long append, e.g. a chunk of prompt) is flushed at once. Nothing is changed if
+        validation fails.
         """
         self._await_flush()
         if self._flush_due:
             self._flush_due = False
             self._index_pending(captured=True)
         self._store(keys, values, validate)
-        self._flush_due = self.num_buffered >= self.config.buffer_size
+        if self.num_buffered >= 2 * self.config.buffer_size:
+            self._index_pending(captured=True)
+        else:
+            self._flush_due = self.num_buffered >= self.config.buffer_size
 
     def _after_step(self) -> None:
         """The end of a decode step: run the flush that the last append made due, after the

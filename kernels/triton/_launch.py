@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 import triton
 
-__all__ = ["FLOAT_DTYPES", "CounterPool", "capture_graph", "check_attention_inputs", "check_bound",
-           "check_code_layout", "check_device_scalar", "check_int", "check_out", "interpreted",
-           "next_pow2", "num_sms"]
+__all__ = ["FLOAT_DTYPES", "CounterPool", "attention_outputs", "capture_graph",
+           "check_attention_inputs", "check_bound", "check_code_layout", "check_device_scalar",
+           "check_int", "check_out", "interpreted", "next_pow2", "num_sms"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -146,6 +146,21 @@ def check_out(name: str, t: torch.Tensor | None, shape: tuple[int, ...],
                          f"got {t.dtype} {list(t.shape)} on {t.device}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous")
+
+
+def attention_outputs(out: torch.Tensor | None, lse: torch.Tensor | None,
+                      num_attended: torch.Tensor | None, hq: int, dv: int,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An attention launcher's (out float32 [Hq, Dv], lse float32 [Hq], num_attended int32 or
+    int64 [Hq]): the given ones validated (check_out), the missing ones allocated."""
+    dev_id = _device_index(device)
+    check_out("out", out, (hq, dv), (torch.float32,), dev_id)
+    check_out("lse", lse, (hq,), (torch.float32,), dev_id)
+    check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    return (torch.empty(hq, dv, dtype=torch.float32, device=device) if out is None else out,
+            torch.empty(hq, dtype=torch.float32, device=device) if lse is None else lse,
+            torch.empty(hq, dtype=torch.int32, device=device) if num_attended is None
+            else num_attended)
 
 
 def check_attention_inputs(q: object, keys: object, values: object, scale: object

@@ -88,6 +88,7 @@ import triton.language as tl
 from louver_kernels.triton._device import load_scalar
 from louver_kernels.triton._launch import (
     CounterPool,
+    attention_outputs,
     check_attention_inputs,
     check_bound,
     check_out,
@@ -577,9 +578,7 @@ def sparse_attention(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be a positive int, got {v!r}")
 
-    check_out("out", out, (hq, dv), (torch.float32,), dev_id)
-    check_out("lse", lse, (hq,), (torch.float32,), dev_id)
-    check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    out, lse, num_attended = attention_outputs(out, lse, num_attended, hq, dv, device)
     check_out("below_lse", below_lse, (hq,), (torch.float32,), dev_id)
     cert = pruned_lse is not None or dropped is not None or num_candidates is not None
     if cert:
@@ -590,12 +589,6 @@ def sparse_attention(
         check_out("pruned_lse", pruned_lse, (hq,), (torch.float32,), dev_id)
         check_out("dropped", dropped, (hq,), (torch.float32,), dev_id)
         check_out("num_candidates", num_candidates, (hq,), (torch.int64,), dev_id)
-    if out is None:
-        out = torch.empty(hq, dv, dtype=torch.float32, device=device)
-    if lse is None:
-        lse = torch.empty(hq, dtype=torch.float32, device=device)
-    if num_attended is None:
-        num_attended = torch.empty(hq, dtype=torch.int32, device=device)
 
     # ---- plan (host-known quantities only) ----
     g = hq // hkv

@@ -47,6 +47,7 @@ import triton.language as tl
 
 from louver_kernels.triton._device import load_scalar, query_error
 from louver_kernels.triton._launch import (
+    attention_outputs,
     check_attention_inputs,
     check_bound,
     check_int,
@@ -319,9 +320,7 @@ def dense_attention(
         raise ValueError(f"block_n must be a power of two, got {block_n}")
     num_stages = check_int("num_stages", stages if num_stages is None else num_stages, 1, 8)
     num_warps = check_int("num_warps", warps if num_warps is None else num_warps, 1, 16)
-    check_out("out", out, (hq, dv), (torch.float32,), dev_id)
-    check_out("lse", lse, (hq,), (torch.float32,), dev_id)
-    check_out("num_attended", num_attended, (hq,), (torch.int32, torch.int64), dev_id)
+    out, lse, num_attended = attention_outputs(out, lse, num_attended, hq, dv, device)
     if step_outputs is not None:
         if not isinstance(step_outputs, tuple) or len(step_outputs) != 4:
             raise ValueError("step_outputs must be (tau, dropped, num_candidates, q_error)")
@@ -332,12 +331,6 @@ def dense_attention(
             if not isinstance(t, torch.Tensor):
                 raise ValueError(f"step_outputs' {name} must be a tensor")
             check_out(name, t, shape, (dtype,), dev_id)
-    if out is None:
-        out = torch.empty(hq, dv, dtype=torch.float32, device=device)
-    if lse is None:
-        lse = torch.empty(hq, dtype=torch.float32, device=device)
-    if num_attended is None:
-        num_attended = torch.empty(hq, dtype=torch.int32, device=device)
 
     g = hq // hkv
     sixteen = keys.element_size() == 2

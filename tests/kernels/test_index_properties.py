@@ -206,6 +206,19 @@ def test_fixed_policy_and_empty_attention() -> None:
     assert (index.num_indexed, index.num_buffered) == (56, 0)
 
 
+def test_long_append_flushes_at_once_a_full_buffer_after_the_step() -> None:
+    """An append that leaves two full buffers or more is indexed at once; one that fills the
+    buffer leaves it for the next step (the flush runs after it), or for the next append."""
+    index = LouverIndex.build(torch.randn(2, 10, 16), torch.randn(2, 10, 16),
+                              IndexConfig(kind=IndexKind.QUANT, buffer_size=8))
+    index.append(torch.randn(2, 20, 16), torch.randn(2, 20, 16))
+    assert (index.num_indexed, index.num_buffered) == (30, 0)
+    index.append(torch.randn(2, 8, 16), torch.randn(2, 8, 16))
+    assert (index.num_indexed, index.num_buffered) == (30, 8)
+    index.append(torch.randn(2, 1, 16), torch.randn(2, 1, 16))    # flushes the 8 first
+    assert (index.num_indexed, index.num_buffered) == (38, 1)
+
+
 def test_empty_index_attends_buffer_only() -> None:
     index = LouverIndex.build(torch.empty(2, 0, 16), torch.empty(2, 0, 8),
                               IndexConfig(kind=IndexKind.QUANT, buffer_size=4))

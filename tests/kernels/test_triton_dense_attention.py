@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from louver_kernels import reference as ref
+from louver_kernels.triton._launch import capture_graph
 from louver_kernels.triton.dense_attention import dense_attention
 from tests.kernels.attention_checks import (
     CUDA,
@@ -158,14 +159,7 @@ def test_cuda_graph_replay() -> None:
         dense_attention(q, keys, values, scale=0.088, end=end_t, out=out, lse=lse,
                         num_attended=cnt)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    graph = capture_graph(DEVICE, body, warmups=1)
     for e in (cap, 5, 33333, 0, 65536):
         end_t.fill_(e)
         q.copy_(make_q(hkv * g, d, torch.bfloat16, gen))
@@ -242,11 +236,15 @@ def _valid_args() -> dict:
                         torch.zeros(3, dtype=torch.int32))), "q_error must be"),
 ])
 def test_validation(change: dict, match: str) -> None:
-    args = _valid_args()
-    for k, v in change.items():
+    def on_device(v: object) -> object:
+        if isinstance(v, tuple):
+            return tuple(on_device(t) for t in v)
         if isinstance(v, torch.Tensor):   # keep the strides (.to() on CUDA would compact them)
-            v = torch.empty_strided(v.size(), v.stride(), dtype=v.dtype,
-                                    device=DEVICE).copy_(v)
-        args[k] = v
+            return torch.empty_strided(v.size(), v.stride(), dtype=v.dtype,
+                                       device=DEVICE).copy_(v)
+        return v
+
+    args = _valid_args()
+    args.update({k: on_device(v) for k, v in change.items()})
     with pytest.raises(ValueError, match=match):
         dense_attention(**args)
