@@ -290,7 +290,11 @@ def dense_attention(
             q_error int32 [Hkv]), contiguous, on q's device: the rest of a Dense decode step's
             outputs, written by the merge launch (the step needs no other launch): tau = -inf,
             dropped = 0, num_candidates = end, q_error[kh] = 1 if an entry of KV head kh's
-            query heads is NaN, +-Inf or above max_query_abs in magnitude, else 0.
+            query heads is NaN, +-Inf or above max_query_abs in magnitude, else 0. Against
+            float16 keys a q of another dtype is rounded to float16 for the tensor cores, so
+            there max_query_abs is at most 65504 (the float16 maximum): a larger entry would
+            overflow and is reported instead. Without step_outputs that is the caller's to
+            ensure.
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq] = end). With end = 0 every
@@ -354,6 +358,8 @@ def dense_attention(
         PIPELINE=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )
     tau, dropped, ncand, bad = step_outputs if step_outputs is not None else (out,) * 4
+    if keys.dtype == torch.float16 and q.dtype != torch.float16:
+        max_query_abs = min(max_query_abs, float(torch.finfo(torch.float16).max))
     _dense_merge_kernel[(hq,)](
         workspace, end_arg, out, lse, num_attended,
         q, tau, dropped, ncand, bad,
