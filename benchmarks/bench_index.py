@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from louver_kernels import IndexConfig, IndexKind, LouverIndex, Mass, Relative, TopK
+from louver_kernels import Dense, IndexConfig, IndexKind, LouverIndex, Mass, Relative, TopK
 from louver_kernels import reference as ref
 
 VARIANTS: dict[str, IndexConfig] = {
@@ -168,7 +168,8 @@ def run_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: int, step
 
 def flush_time(k: torch.Tensor, v: torch.Tensor, config: IndexConfig, n_ctx: int,
                repeats: int = 5) -> float:
-    """Median seconds of the append that fills the buffer and flushes it into the index."""
+    """Median seconds of a decode-time flush: the append that fills the buffer, then the flush
+    a step runs after itself (LouverIndex._after_step)."""
     seg = config.buffer_size
     base = n_ctx - seg
     times = []
@@ -178,6 +179,8 @@ def flush_time(k: torch.Tensor, v: torch.Tensor, config: IndexConfig, n_ctx: int
         flushes = index.num_flushes
         t0 = time.perf_counter()
         index.append(k[:, n_ctx - 1: n_ctx], v[:, n_ctx - 1: n_ctx])
+        index._after_step()
+        index._await_flush()
         times.append(time.perf_counter() - t0)
         assert index.num_flushes == flushes + 1 and index.num_buffered == 0
     return statistics.median(times)
@@ -191,6 +194,7 @@ def incremental_case(cap: dict[str, torch.Tensor], config: IndexConfig, n_ctx: i
     grown = LouverIndex.build(k[:, : n_ctx - appends], v[:, : n_ctx - appends], config)
     for t in range(n_ctx - appends, n_ctx):
         grown.append(k[:, t: t + 1], v[:, t: t + 1])
+    grown.attend(q[:, n_ctx - 1], Dense())   # a step: runs a flush the last append made due
     fresh = LouverIndex.build(k[:, :n_ctx], v[:, :n_ctx], config)
     fracs = {"grown": 0.0, "fresh": 0.0}
     for j in range(queries):

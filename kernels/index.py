@@ -194,7 +194,7 @@ class LouverIndex:
         if hkv < 1 or d < 1 or values.shape[2] < 1:
             raise ValueError("keys/values need at least one head and one dimension")
         index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig())
-        index._store(keys, values)
+        index._store(*index._validate_kv(keys, values))
         index._index_pending()
         return index
 
@@ -289,8 +289,8 @@ class LouverIndex:
                                  "float32 scores would overflow")
         return k, v
 
-    def _store(self, keys: torch.Tensor, values: torch.Tensor, validate: bool = True) -> None:
-        k, v = self._validate_kv(keys, values, validate)
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write validated keys and values (``_validate_kv``) at [num_keys, num_keys + T)."""
         t = k.shape[1]
         self._grow(self.num_keys + t)
         self._keys[:, self.num_keys: self.num_keys + t] = k
@@ -315,11 +315,12 @@ class LouverIndex:
         long append, e.g. a chunk of prompt) is flushed at once. Nothing is changed if
         validation fails.
         """
+        k, v = self._validate_kv(keys, values, validate)
         self._await_flush()
         if self._flush_due:
             self._flush_due = False
             self._index_pending(captured=True)
-        self._store(keys, values, validate)
+        self._store(k, v)
         if self.num_buffered >= 2 * self.config.buffer_size:
             self._index_pending(captured=True)
         else:
@@ -385,7 +386,9 @@ class LouverIndex:
     def device_counters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_indexed, num_keys) as int32 [1] tensors on the index's device, kept up to date
         by every append and flush (a fill on the current stream, no synchronization): what a
-        captured decode step (louver_kernels.triton.decode.CapturedStep) reads."""
+        captured decode step (louver_kernels.triton.decode.CapturedStep) reads. Waits for a
+        flush in flight first (they are made from the host's counts)."""
+        self._await_flush()
         if self._counters is None:
             self._counters = (
                 torch.full((1,), self.num_indexed, dtype=torch.int32, device=self.device),

@@ -219,6 +219,19 @@ def test_long_append_flushes_at_once_a_full_buffer_after_the_step() -> None:
     assert (index.num_indexed, index.num_buffered) == (38, 1)
 
 
+def test_failed_append_changes_nothing_with_a_flush_due() -> None:
+    """An append that fails validation leaves a due flush due (the state is as before)."""
+    keys = torch.randn(1, 40, 16)
+    index = LouverIndex.build(keys[:, :4], keys[:, :4], IndexConfig(buffer_size=8))
+    index.append(keys[:, 4:12], keys[:, 4:12])                   # 8 buffered: flush due
+    before = (index.num_keys, index.num_indexed, index.num_flushes)
+    bad = keys[:, 12:13].clone()
+    bad[0, 0, 0] = math.nan
+    with pytest.raises(ValueError):
+        index.append(bad, bad)
+    assert (index.num_keys, index.num_indexed, index.num_flushes) == before
+
+
 def test_empty_index_attends_buffer_only() -> None:
     index = LouverIndex.build(torch.empty(2, 0, 16), torch.empty(2, 0, 8),
                               IndexConfig(kind=IndexKind.QUANT, buffer_size=4))

@@ -249,6 +249,30 @@ def test_captured_step_runs_a_due_flush_after_the_step() -> None:
     assert g_idx.num_flushes == t_idx.num_flushes >= 2
 
 
+def test_captured_step_made_after_an_eager_step_with_a_long_flush() -> None:
+    """A CapturedStep made right after an eager step whose flush took the eager encoder (a
+    range the CapturedFlush does not cover) reads the flushed count from the device counters,
+    and later flushes keep every key attended (a stale count would leave keys neither indexed
+    nor in the buffer)."""
+    gen = torch.Generator().manual_seed(3)
+    hkv, g, d, dtype = 1, 2, 64, torch.float16
+    t_idx, g_idx = build_pair("random", hkv, 31, d, dtype, gen, buffer_size=16,
+                              quant_bits=6, quant_coarse_bits=4, probe_recent=8)
+    append_same((t_idx, g_idx), "random", 20, gen)    # 51 keys: [31, 51) spans 3 segments
+    q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+    for index in (t_idx, g_idx):
+        index.attend(q.to(index.device), Relative(1e-3))    # runs the flush after the step
+    step = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
+    for extra in (0, 25, 3):
+        append_same((t_idx, g_idx), "random", extra, gen)
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        for _ in range(2):    # before and after the flush the first step runs
+            want = t_idx.attend(q, Relative(1e-3))
+            got = step(q.to(DEVICE))
+            check_step(t_idx, q, s, want, got, Relative(1e-3), f"append {extra}")
+
+
 @pytest.mark.skipif(not CUDA, reason="side streams and CUDA graphs")
 def test_side_stream_flushes_between_layers() -> None:
     """Two layers decoded token by token: each layer's flush runs on the side stream while the
