@@ -13,8 +13,9 @@ against: they come from tensor cores, and the kernel is a streaming read of K an
 ``kernels/reference.py::masked_attention`` with every key attended is the ground truth.
 
 Precision. Scores: q . k on tensor cores with float32 accumulation; float16 / bfloat16 keys
-take q in their dtype (a float32 q is split as q_hi + q_lo, two products, so q keeps ~16 more
-bits), float32 keys use IEEE float32 products. P @ V: a weight p in [0, 1] rounded to
+take q in their dtype (a q of another dtype is split as q_hi + q_lo, two products, so it keeps
+~8-11 more bits: a float16 q against bfloat16 keys exactly), float32 keys use IEEE float32
+products. P @ V: a weight p in [0, 1] rounded to
 float16 / bfloat16 would carry a relative error of 2^-11 / 2^-8 into the output (what
 FlashAttention does); here each head has two rows of the tile, the first multiplies V by
 hi(p) = round(p) and the second by lo(p) = round(p - hi(p)), and the two are summed at the end,
@@ -240,6 +241,7 @@ def _dense_merge_kernel(
 
 
 _INTERPRETED = interpreted(_dense_attention_kernel)   # no tl.range pipelining there
+_MAX_SPLITS = 65535   # grid dimension 1 (CUDA's limit)
 
 
 def _config(d: int, dv: int, elt: int) -> tuple[int, int, int]:
@@ -315,7 +317,7 @@ def dense_attention(
     for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm)):
         check_int(name, v, 1, 1 << 20)
     if num_splits is not None:
-        check_int("num_splits", num_splits, 1, 1 << 16)
+        check_int("num_splits", num_splits, 1, _MAX_SPLITS)
     if not isinstance(p_split, bool):
         raise ValueError(f"p_split must be a bool, got {p_split!r}")
     bn, stages, warps = _config(d, dv, keys.element_size())
@@ -344,8 +346,10 @@ def dense_attention(
     blocks_max = max(1, -(-(cap if e_t is not None else e) // block_n))
     if num_splits is None:
         num_splits = max(1, min(-(-grid_per_sm * num_sms(device) // hkv),
-                                -(-blocks_max // min_blocks)))
+                                -(-blocks_max // min_blocks), _MAX_SPLITS))
     n_slots = hq * num_splits
+    if n_slots * (dv + 2) >= 2**31:   # the kernels index the workspace with int32
+        raise ValueError(f"num_splits={num_splits} is too large for Hq={hq}, Dv={dv}")
     workspace = torch.empty(n_slots * (dv + 2), dtype=torch.float32, device=device)
     end_arg = e_t if e_t is not None else q
     _dense_attention_kernel[(hkv, num_splits)](
@@ -353,11 +357,13 @@ def dense_attention(
         float(scale), e, cap,
         q.stride(0), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         G=g, D=d, DV=dv, M=rows, HALF=half, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
-        END_ON_DEVICE=e_t is not None, Q_SPLIT=sixteen and q.dtype == torch.float32,
+        END_ON_DEVICE=e_t is not None, Q_SPLIT=sixteen and q.dtype != keys.dtype,
         P_SPLIT=p_split, PREC="ieee" if not sixteen else "tf32", NUM_STAGES=num_stages,
         PIPELINE=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
     )
     tau, dropped, ncand, bad = step_outputs if step_outputs is not None else (out,) * 4
+    # the largest finite value at most: the check is |q| <= max_query_abs, which Inf must fail
+    max_query_abs = min(max_query_abs, float(torch.finfo(torch.float32).max))
     if keys.dtype == torch.float16 and q.dtype != torch.float16:
         max_query_abs = min(max_query_abs, float(torch.finfo(torch.float16).max))
     _dense_merge_kernel[(hq,)](

@@ -64,15 +64,19 @@ def test_matches_reference(dtype: torch.dtype, dims: tuple[int, int], group: int
     check(got, _want(q, keys, values, n, scale), seed)
 
 
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda t: str(t)[6:])
-def test_float32_query_on_16bit_keys(dtype: torch.dtype) -> None:
-    """A float32 q is not rounded to the keys' dtype (it is split in two products)."""
+@pytest.mark.parametrize(("q_dtype", "dtype"), [(torch.float32, torch.float16),
+                                                 (torch.float32, torch.bfloat16),
+                                                 (torch.float16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float16)],
+                         ids=lambda t: str(t)[6:])
+def test_query_of_another_dtype_on_16bit_keys(q_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    """A q of another dtype is not rounded to the keys' dtype (it is split in two products)."""
     gen, seed = gen_seed()
     hkv, g, d = 2, 4, 64
     n = 200 if not CUDA else 5000
     keys = storage(hkv, n, n, d, dtype, gen)
     values = storage(hkv, n, n, d, dtype, gen)
-    q = make_q(hkv * g, d, torch.float32, gen, scale=3.0)
+    q = make_q(hkv * g, d, q_dtype, gen, scale=3.0)
     got = _run(q, keys, values, n, 0.125, num_splits=2 if not CUDA else None)
     check(got, _want(q, keys, values, n, 0.125), seed)
 
@@ -194,16 +198,22 @@ def test_step_outputs_and_query_check() -> None:
     q = make_q(hkv * g, d, torch.float32, gen)
     q[1 * g + 2, 5] = math.nan          # KV head 1
     q[2 * g, 0] = 1.0e5                 # KV head 2: below max_query_abs, above float16's
+    q[0, 3] = math.inf                  # KV head 0 (the default bound would be inf)
     tau = torch.full((hkv * g,), 7.0, device=DEVICE)
     dropped = torch.full((hkv * g,), 7.0, device=DEVICE)
     ncand = torch.full((hkv * g,), -1, dtype=torch.int64, device=DEVICE)
     bad = torch.full((hkv,), -1, dtype=torch.int32, device=DEVICE)
-    got = _run(q, keys, values, n, 0.125, step_outputs=(tau, dropped, ncand, bad),
-               max_query_abs=1.0e6)
-    assert bad.tolist() == [0, 1, 1], seed
+    _run(q, keys, values, n, 0.125, step_outputs=(tau, dropped, ncand, bad),
+         max_query_abs=1.0e6)
+    assert bad.tolist() == [1, 1, 1], seed
     assert (tau == -math.inf).all() and (dropped == 0).all() and (ncand == n).all()
+    # Inf against the default (infinite) bound, in float16 keys' own dtype
+    q16 = make_q(hkv * g, d, torch.float16, gen)
+    q16[1 * g, 0] = math.inf
+    got = _run(q16, keys, values, n, 0.125, step_outputs=(tau, dropped, ncand, bad))
+    assert bad.tolist() == [0, 1, 0], seed
     good = slice(0, g)
-    check(tuple(t[good] for t in got), tuple(t[good] for t in _want(q[good], keys[:1],
+    check(tuple(t[good] for t in got), tuple(t[good] for t in _want(q16[good], keys[:1],
                                                                      values[:1], n, 0.125)),
           seed)
 
@@ -228,6 +238,7 @@ def _valid_args() -> dict:
     (dict(lse=torch.zeros(5)), "lse must be"),
     (dict(num_attended=torch.zeros(4, dtype=torch.float32)), "num_attended must be"),
     (dict(num_splits=0), "num_splits"),
+    (dict(num_splits=65536), "num_splits"),
     (dict(min_blocks=0), "min_blocks"),
     (dict(block_n=48), "block_n"),
     (dict(num_stages=0), "num_stages"),
