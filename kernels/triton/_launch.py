@@ -1,5 +1,5 @@
-"""Host-side helpers shared by the Triton launchers (attention.py, encode.py,
-quant_filter.py, decode.py).
+"""Host-side helpers shared by the Triton launchers (attention.py, dense_attention.py,
+encode.py, quant_filter.py, decode.py).
 
 Host code only; the device-side helpers shared by the kernels are in _device.py.
 """
@@ -15,12 +15,14 @@ import triton
 
 __all__ = ["FLOAT_DTYPES", "CounterPool", "attention_outputs", "capture_graph",
            "check_attention_inputs", "check_bound", "check_code_layout", "check_device_scalar",
-           "check_int", "check_out", "interpreted", "next_pow2", "num_sms"]
+           "check_int", "check_out", "interpreted", "next_pow2", "num_sms", "side_stream"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _SM_COUNT: dict[int, int] = {}
 _CAPTURE_LOCK = threading.RLock()   # a nested capture fails in CUDA, never deadlocks
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+_SIDE_LOCK = threading.Lock()
 
 
 def interpreted(kernel: object) -> bool:
@@ -104,6 +106,18 @@ def _capture(device: torch.device, body: Callable[[], None], warmups: int
     with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
         body()
     return graph
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream of a CUDA ``device`` that work overlapping the decode stream runs on (the
+    side-stream flush, encode.CapturedFlush): one per device, made once."""
+    index = _device_index(device)
+    with _SIDE_LOCK:
+        stream = _SIDE_STREAMS.get(index)
+        if stream is None:
+            stream = torch.cuda.Stream(device)
+            _SIDE_STREAMS[index] = stream
+        return stream
 
 
 def num_sms(device: torch.device) -> int:

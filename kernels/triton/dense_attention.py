@@ -1,6 +1,6 @@
 """Decode-time dense attention over every stored key (split-K, tensor cores).
 
-One launch computes, for every query head h of one decode step (KV head h // G),
+Two launches compute, for every query head h of one decode step (KV head h // G),
 
     out[h] = softmax(scale * q_h . K[:end]) @ V[:end]       float32 [Hq, Dv]
     lse[h] = logsumexp(scale * q_h . K[:end])                float32 [Hq]
@@ -15,12 +15,12 @@ against: they come from tensor cores, and the kernel is a streaming read of K an
 Precision. Scores: q . k on tensor cores with float32 accumulation; float16 / bfloat16 keys
 take q in their dtype (a q of another dtype is split as q_hi + q_lo, two products, so it keeps
 ~8-11 more bits: a float16 q against bfloat16 keys exactly), float32 keys use IEEE float32
-products. P @ V: a weight p in [0, 1] rounded to
-float16 / bfloat16 would carry a relative error of 2^-11 / 2^-8 into the output (what
-FlashAttention does); here each head has two rows of the tile, the first multiplies V by
-hi(p) = round(p) and the second by lo(p) = round(p - hi(p)), and the two are summed at the end,
-so p keeps about twice the bits for the same MMA instruction (the rows are padding otherwise:
-G < 16 heads fill an MMA of 16 rows). The softmax's (m, l) stay float32.
+products. P @ V: a weight p in [0, 1] rounded to float16 / bfloat16 would carry a relative
+error of 2^-11 / 2^-8 into the output (what FlashAttention does); here each head has two rows
+of the tile, the first multiplies V by hi(p) = round(p) and the second by lo(p) =
+round(p - hi(p)), and the two are summed at the end, so p keeps about twice the bits for the
+same MMA instruction (the rows are padding otherwise: G < 16 heads fill an MMA of 16 rows).
+The softmax's (m, l) stay float32.
 
 Work decomposition (flash-decoding): program (KV head kh, split) reads blocks of BLOCK_N keys
 of a contiguous range of ``[0, end)`` for the G query heads of kh (GQA: each K and V row is

@@ -67,7 +67,6 @@ the publication of the new num_indexed, and replays it (CapturedFlush).
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import TYPE_CHECKING, no_type_check
 
 import torch
@@ -83,12 +82,13 @@ from louver_kernels.triton._launch import (
     check_int,
     interpreted,
     next_pow2,
+    side_stream,
 )
 
 if TYPE_CHECKING:
     from louver_kernels.index import LouverIndex
 
-__all__ = ["CapturedFlush", "quant_encode_counted", "quant_encode_packed", "side_stream"]
+__all__ = ["CapturedFlush", "quant_encode_counted", "quant_encode_packed"]
 
 _VELTKAMP = tl.constexpr(134217729.0)  # 2^27 + 1: splits a float64 into two halves of <= 26 bits
 _RINT_MAGIC = tl.constexpr(8388608.0)  # 2^23: (x + 2^23) - 2^23 = round-half-even(x), 0 <= x < 2^22
@@ -502,7 +502,7 @@ def _launch(keys: torch.Tensor, codes: torch.Tensor, err: torch.Tensor, lo: torc
 class CapturedFlush:
     """A decode-time flush of a LouverIndex (Triton backend) as one CUDA graph replay.
 
-    With ``side=True`` the replay runs on a side stream of the device (``side_stream``), after
+    With ``side=True`` the replay runs on the device's side stream (_launch.side_stream), after
     the work queued so far on the current stream, and returns at once: the work queued after it
     overlaps it. ``wait()`` orders the current stream after it (no host synchronization); the
     index calls it before every operation that touches its records (LouverIndex._await_flush),
@@ -589,18 +589,3 @@ class CapturedFlush:
         if self._pending and self._done is not None:
             with contextlib.suppress(Exception):   # at interpreter exit CUDA may be gone
                 self._done.synchronize()
-
-
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-_SIDE_LOCK = threading.Lock()
-
-
-def side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream of ``device`` that side-stream flushes run on (one per device, made once)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _SIDE_LOCK:
-        stream = _SIDE_STREAMS.get(index)
-        if stream is None:
-            stream = torch.cuda.Stream(device)
-            _SIDE_STREAMS[index] = stream
-        return stream
