@@ -11,9 +11,11 @@ __all__ = ["load_scalar", "query_error"]
 @triton.jit
 def load_scalar(ptr, value, ON_DEVICE: tl.constexpr):
     """An int32 scalar argument: read from a 1-element device tensor when ON_DEVICE (what a
-    CUDA graph replays with fresh values), else the launch's scalar ``value``."""
+    CUDA graph replays with fresh values), else the launch's scalar ``value``. An int64 value
+    outside [-1, 2^31 - 1] saturates there (it does not wrap): the callers clamp the result to
+    their valid range."""
     if ON_DEVICE:
-        return tl.load(ptr).to(tl.int32)
+        return tl.minimum(tl.maximum(tl.load(ptr), -1), 2147483647).to(tl.int32)
     else:
         return value
 

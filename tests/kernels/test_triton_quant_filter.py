@@ -338,6 +338,13 @@ def test_empty_index_and_device_count() -> None:
     assert torch.equal(cc1, cc4), msg
     assert torch.allclose(pl1, pl4, rtol=1e-5, atol=1e-5), msg
     assert torch.equal(m1, _as_mask(_lists(cp4, cc4, case.n, msg), case.n)), msg
+    # an int64 count beyond the int32 range saturates (then clamped to the capacity); it must
+    # not wrap around (2^32 + 5 would read as 5)
+    cap = torch.tensor([case.records.shape[1]], dtype=torch.int64, device=DEVICE)
+    _, cc5, pl5 = case.run(tau, num_indexed=cap)
+    _, cc6, pl6 = case.run(tau, num_indexed=torch.tensor([2**32 + 5], dtype=torch.int64,
+                                                         device=DEVICE))
+    assert torch.equal(cc5, cc6) and torch.allclose(pl5, pl6, rtol=1e-5, atol=1e-5), msg
     # an empty capacity
     zero = torch.tensor([0], dtype=torch.int64, device=DEVICE)
     cp3, cc3, pl3 = case.run(tau, num_indexed=zero)
