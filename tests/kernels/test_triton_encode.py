@@ -411,17 +411,17 @@ def test_flush_does_not_synchronize_and_validation_synchronizes_once() -> None:
     first, extra = (make_keys("random", 2, 20, 64, torch.float16, gen).to(DEVICE)
                     for _ in range(2))
     longer = make_keys("random", 2, 80, 64, torch.float16, gen).to(DEVICE)
-    index._store(first, first, validate=False)
+    index._store(*index._validate_kv(first, first, False))
     index._index_pending(captured=True)         # records the flush's graph (synchronizes)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
     try:
         with pytest.warns(UserWarning) as record:
-            index._store(extra, extra)
+            index._store(*index._validate_kv(extra, extra))
         assert sum("synchroniz" in str(w.message) for w in record) == 1
         torch.cuda.set_sync_debug_mode("error")
         index._index_pending(captured=True)     # a replay of the captured flush
-        index._store(longer, longer, validate=False)
+        index._store(*index._validate_kv(longer, longer, False))
         index._index_pending(captured=True)     # 3 segments: the launch
     finally:
         torch.cuda.set_sync_debug_mode("default")
