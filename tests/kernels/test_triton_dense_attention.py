@@ -213,9 +213,8 @@ def test_step_outputs_and_query_check() -> None:
     got = _run(q16, keys, values, n, 0.125, step_outputs=(tau, dropped, ncand, bad))
     assert bad.tolist() == [0, 1, 0], seed
     good = slice(0, g)
-    check(tuple(t[good] for t in got), tuple(t[good] for t in _want(q16[good], keys[:1],
-                                                                     values[:1], n, 0.125)),
-          seed)
+    want = _want(q16[good], keys[:1], values[:1], n, 0.125)
+    check((got[0][good], got[1][good], got[2][good]), (want[0], want[1], want[2]), seed)
 
 
 def _valid_args() -> dict:
