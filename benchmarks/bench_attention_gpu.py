@@ -16,7 +16,13 @@ whose total exceeds the L2 several times, so small N is not served from cache. B
 bytes the kernel must move (K and V rows of the attended keys, candidate ids, outputs) over time,
 next to a measured device-to-device copy (bytes read + written).
 
-Usage: python benchmarks/bench_attention_gpu.py --out results.json [--quick | --dense-sweep]
+``--split-sweep``: only sparse_attention's split parameters (grid_per_sm x min_blocks) at
+decode-step candidate counts, one call per CUDA-graph replay
+(``benchmarks/results/bench_attention_splits.json``: a run on an H200, from which the
+launcher's min_blocks default comes).
+
+Usage: python benchmarks/bench_attention_gpu.py --out results.json [--quick | --dense-sweep |
+--split-sweep]
 """
 
 from __future__ import annotations
@@ -235,12 +241,79 @@ def sweep_dense(hq: int, hkv: int, d: int, n: int, copy_bw: float) -> list[dict[
     return rows
 
 
+SPLIT_SIZES = (4096, 32768, 131072)
+SPLIT_FRACTIONS = (0.02, 0.06)
+SPLIT_GRID = dict(grid_per_sm=(2, 3, 4), min_blocks=(1, 2, 4, 8))
+
+
+def sweep_splits(hq: int, hkv: int, d: int, n: int, frac: float, gen: torch.Generator
+                 ) -> list[dict[str, Any]]:
+    """sparse_attention's split parameters at decode-step candidate counts: per KV head about
+    ``frac`` of the n - 256 indexed positions (0.5-1.5x, random: real heads are skewed) plus a
+    256-key buffer, tau = -inf, the certificate fused as the decode step runs it. One call
+    captured in a CUDA graph; median of do_bench over its replays (L2 flushed in between: the
+    latency of one step, not the throughput of many)."""
+    import triton.testing
+
+    from louver_kernels.triton._launch import capture_graph
+    from louver_kernels.triton.attention import sparse_attention
+
+    dev = torch.device("cuda")
+    k = torch.randn(hkv, n, d, generator=gen).half().to(dev)
+    v = torch.randn(hkv, n, d, generator=gen).half().to(dev)
+    q = torch.randn(hq, d, generator=gen).half().to(dev)
+    bs = n - BUFFER
+    counts = [max(1, int(bs * frac * (0.5 + torch.rand(1, generator=gen).item())))
+              for _ in range(hkv)]
+    cp = torch.zeros(hkv, bs, dtype=torch.int32)
+    for h, c in enumerate(counts):
+        cp[h, :c] = torch.sort(torch.randperm(bs, generator=gen)[:c]).values.int()
+    cp = cp.to(dev)
+    cc = torch.tensor(counts, dtype=torch.int32, device=dev)
+    tau = torch.full((hq,), float("-inf"), device=dev)
+    bst = torch.tensor([bs], dtype=torch.int32, device=dev)
+    bet = torch.tensor([n], dtype=torch.int32, device=dev)
+
+    def time_us(**kw: Any) -> tuple[float, torch.Tensor]:
+        o = torch.empty(hq, d, device=dev)
+        outs = dict(lse=torch.empty(hq, device=dev),
+                    num_attended=torch.empty(hq, dtype=torch.int64, device=dev),
+                    below_lse=torch.empty(hq, device=dev),
+                    pruned_lse=torch.full((hq,), -30.0, device=dev),
+                    dropped=torch.empty(hq, device=dev),
+                    num_candidates=torch.empty(hq, dtype=torch.int64, device=dev))
+
+        def run() -> None:
+            sparse_attention(q, k, v, tau, scale=d ** -0.5, cand_pos=cp, cand_count=cc,
+                             buffer_start=bst, buffer_end=bet, out=o, **outs, **kw)
+
+        graph = capture_graph(dev, run, 2)
+        triton.testing.do_bench(graph.replay, warmup=30, rep=30)
+        return 1e3 * float(triton.testing.do_bench(graph.replay, return_mode="median")), o
+
+    base_us, base_out = time_us()
+    rows: list[dict[str, Any]] = []
+    print(f"{hq}/{hkv}/{d} N={n} frac={frac} default {base_us:.1f} us", flush=True)
+    for gps in SPLIT_GRID["grid_per_sm"]:
+        for mb in SPLIT_GRID["min_blocks"]:
+            us, out = time_us(grid_per_sm=gps, min_blocks=mb)
+            err = float((out - base_out).abs().max())
+            print(f"   grid_per_sm={gps} min_blocks={mb} {us:.1f} us x{us / base_us:.2f} "
+                  f"max |out - default| {err:.1e}", flush=True)
+            rows.append(dict(hq=hq, hkv=hkv, d=d, n=n, frac=frac, grid_per_sm=gps,
+                             min_blocks=mb, us=us, default_us=base_us, max_out_diff=err))
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="path of the JSON results")
     parser.add_argument("--quick", action="store_true", help="fewer fractions (smoke run)")
     parser.add_argument("--dense-sweep", action="store_true",
                         help="only sweep dense_attention's launch parameters at 32k and 128k")
+    parser.add_argument("--split-sweep", action="store_true",
+                        help="only sweep sparse_attention's split parameters at decode-step "
+                             "candidate counts")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA device", file=sys.stderr)
@@ -256,6 +329,17 @@ def main() -> int:
     print(f"# {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
           f"triton {triton.__version__}; device copy {copy_bw / 1e9:.0f} GB/s (read + write)")
     rows: list[dict[str, Any]] = []
+    if args.split_sweep:
+        gen = torch.Generator().manual_seed(0)
+        for hq, hkv, d in CONFIGS[::-1]:
+            for n in SPLIT_SIZES:
+                for frac in SPLIT_FRACTIONS:
+                    rows.extend(sweep_splits(hq, hkv, d, n, frac, gen))
+                    torch.cuda.empty_cache()
+        with open(args.out, "w") as f:
+            json.dump(dict(hardware=hw, dtype="float16", buffer=BUFFER, sweep=rows,
+                           seconds=time.time() - t0), f, indent=1)
+        return 0
     if args.dense_sweep:
         for hq, hkv, d in CONFIGS:
             for n in SIZES[1:]:

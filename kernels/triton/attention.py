@@ -518,10 +518,10 @@ def sparse_attention(
         min_blocks: at most one taking part program per min_blocks blocks of a KV head's
             actual list (read on the device); programs left over exit at once. Default: 2
             where G * D <= 256, else 4. Measured on an H200 at decode-step candidate counts
-            (2-6 % of 4k-128k keys plus a 256-key buffer, graph replays): 2 took 0.84-0.96x
-            the time of 4 for 9/3/64 (G * D = 192), and 0.84-1.12x for 32/8/128 (faster at
-            4k, slower at 32k); 1 was faster in some of these cases and slower in others, 8
-            slower in all.
+            (2-6 % of 4k-128k keys plus a 256-key buffer, graph replays;
+            ``bench_attention_gpu --split-sweep``): 2 took 0.84-0.96x the time of 4 for
+            9/3/64 (G * D = 192), and 0.84-1.12x for 32/8/128 (faster at 4k, slower at 32k);
+            1 was faster in some of these cases and slower in others, 8 slower in all.
         grid_per_sm: see num_splits. The kernel needs ~255 registers per thread (two
             programs per SM), and 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8}
             on an H200 (synthetic, every candidate attended, 128k keys, 3-30 % candidates:
