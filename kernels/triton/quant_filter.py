@@ -80,7 +80,8 @@ Where the time goes (H200, 32/8/128, 128k keys, ~80 us; hardware counters and sw
 kernel is latency-bound at low occupancy: 0.46 instructions issued per cycle and scheduler,
 0.69 of 3.8 resident warps eligible, 25 % occupancy (128 registers), DRAM at 30 % of peak. A
 128-key block costs each warp ~690 SASS instructions: bit-plane extraction ~20 %, cross-lane
-reductions over the heads and the compaction's scan ~20 %, 64-bit address arithmetic ~15 %.
+reductions over the heads and the compaction's scan ~20 %, the loads with their address and
+mask arithmetic ~15 % (32-bit row offsets instead of 64-bit ones saved only 2 %).
 A flat loop over items under Triton's software pipeliner (2-4 stages: asynchronous copies of
 the low field, the norms and a range row), blocks of 64-256 keys, 1-8 warps and register caps
 of 64-112 were measured: none beat these parameters by more than ~9 % at 128k keys, and
