@@ -85,7 +85,10 @@ mask arithmetic ~15 % (32-bit row offsets instead of 64-bit ones saved only 2 %)
 A flat loop over items under Triton's software pipeliner (2-4 stages: asynchronous copies of
 the low field, the norms and a range row), blocks of 64-256 keys, 1-8 warps and register caps
 of 64-112 were measured: none beat these parameters by more than ~9 % at 128k keys, and
-most lost at 32k. More speed needs fewer instructions per key, not other launch parameters.
+most lost at 32k. Since prefetching the codes does not help, the stalls are on-chip: the
+dependency chains through shared memory (the dot operands), shuffles and the 17 CTA barriers
+of each block's loop body, with ~4 warps per scheduler to cover them. More speed needs fewer
+instructions and barriers per key, not other launch parameters.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
