@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from louver_kernels import reference as ref
-from louver_kernels.triton._launch import CounterPool
+from louver_kernels.triton._launch import FLOAT_DTYPES, CounterPool
 from louver_kernels.triton.attention import sparse_attention
 from tests.kernels.attention_checks import (
     CUDA,
@@ -33,7 +33,7 @@ from tests.kernels.attention_checks import (
     storage,
 )
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = FLOAT_DTYPES   # the kernels' float dtypes
 DIMS = ((64, 64), (128, 128))
 GROUPS = (1, 3, 4)
 

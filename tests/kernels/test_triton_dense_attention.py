@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from louver_kernels import reference as ref
-from louver_kernels.triton._launch import capture_graph
+from louver_kernels.triton._launch import FLOAT_DTYPES, capture_graph
 from louver_kernels.triton.dense_attention import dense_attention
 from tests.kernels.attention_checks import (
     CUDA,
@@ -27,7 +27,7 @@ from tests.kernels.attention_checks import (
     storage,
 )
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = FLOAT_DTYPES   # the kernels' float dtypes
 # relative error of one rounding of a softmax weight (p_split=False) per value dtype
 P_ROUND = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 0.0}
 
