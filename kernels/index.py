@@ -237,9 +237,12 @@ class LouverIndex:
         cap = self._capacity_for(needed, self.config)
         self._flush = None
 
-        def grown(t: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros(t.shape[0], cap, *t.shape[2:], dtype=t.dtype, device=t.device)
-            out[:, : t.shape[1]] = t
+        def grown(t: torch.Tensor, rows: int = cap) -> torch.Tensor:
+            # zero-filled beyond the old rows (one launch each: a build's empty storage has
+            # nothing to copy)
+            out = t.new_zeros(t.shape[0], rows, *t.shape[2:])
+            if t.shape[1]:
+                out[:, : t.shape[1]] = t
             return out
 
         self._keys = grown(self._keys)
@@ -250,14 +253,8 @@ class LouverIndex:
             self._codes = grown(self._codes)
             self._err = grown(self._err)
             segments = -(-cap // self.config.buffer_size)
-
-            def grown_seg(t: torch.Tensor) -> torch.Tensor:
-                out = torch.zeros(t.shape[0], segments, t.shape[2], device=t.device)
-                out[:, : t.shape[1]] = t
-                return out
-
-            self._lo = grown_seg(self._lo)
-            self._step = grown_seg(self._step)
+            self._lo = grown(self._lo, segments)
+            self._step = grown(self._step, segments)
         self._cap = cap
 
     def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor, check_values: bool = True
@@ -275,16 +272,18 @@ class LouverIndex:
         k = keys.to(device=self.device, dtype=self.dtype)
         v = values.to(device=self.device, dtype=self.dtype)
         if check_values and k.numel():   # T > 0 (v is then not empty): one synchronization
-            k_finite, v_finite, k_small = torch.stack([
-                torch.isfinite(k).all(), torch.isfinite(v).all(),
-                (k.abs() <= MAX_KEY_ABS).all()]).tolist()
-            if not k_finite:
+            # max |x| of each tensor: one reduction pass, no temporary; NaN propagates (torch's
+            # max reductions do) and Inf is its own maximum, so both read as non-finite
+            # (exact in the storage dtype, which k and v share)
+            k_abs, v_abs = torch.stack([torch.linalg.vector_norm(k, ord=math.inf),
+                                        torch.linalg.vector_norm(v, ord=math.inf)]).tolist()
+            if not math.isfinite(k_abs):
                 raise ValueError("keys contain NaN or Inf (after conversion to the storage "
                                  "dtype)")
-            if not v_finite:
+            if not math.isfinite(v_abs):
                 raise ValueError("values contain NaN or Inf (after conversion to the storage "
                                  "dtype)")
-            if not k_small:
+            if k_abs > MAX_KEY_ABS:
                 raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; "
                                  "float32 scores would overflow")
         return k, v
