@@ -353,8 +353,9 @@ class Engine:
             if layer.index is None:  # excluded by validation
                 raise FailedPrecondition(f"{job.field}: layer {job.layer} holds no keys")
             # q's values were checked while decoding the request (finite, magnitude): the step
-            # skips the index's second check and its host synchronization
-            out = layer.attend(job.q.to(session.device), job.policy or session.policy,
+            # skips the index's second check and its host synchronization; the layer moves q
+            # to the device (into the captured step's input: one copy)
+            out = layer.attend(job.q, job.policy or session.policy,
                                fallback=self.dense_fallback)
             results.append(AttendResult.from_output(out, layer.length))
         return results

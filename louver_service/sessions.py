@@ -141,7 +141,9 @@ class LayerState:
         return held + sum(step.scratch_bytes for step in self._steps.values())
 
     def attend(self, q: torch.Tensor, policy: Policy, fallback: bool = False) -> AttendOutput:
-        """The decode step for q [Hq, D] on the index's device (q already validated).
+        """The decode step for q [Hq, D] (q already validated), on the host or the index's
+        device: a host query is copied to the device once (straight into a captured step's
+        input, no device copy besides).
 
         A Triton index runs Relative, Dense and Fixed steps through a CapturedStep kept per
         (policy, Hq, q dtype; one for every Fixed threshold, set per call): on a GPU one graph

@@ -325,7 +325,9 @@ def test_faster_times_both_variants_then_runs_the_faster() -> None:
 def test_captured_step_dense_fallback() -> None:
     """A Relative step with the dense fallback runs its own step or the index's Dense step:
     each call's output is the one of the variant it reports (last_dense), and whichever runs,
-    no key at or above tau is missed; other policies refuse the fallback."""
+    no key at or above tau is missed; other policies refuse the fallback. q is passed in
+    turn on the device, on the host and in place (written into step.q, which the dense step
+    shares)."""
     gen = torch.Generator().manual_seed(12)
     hkv, g, d, dtype = 1, 3, 64, torch.float16
     t_idx, g_idx = build_pair("clustered", hkv, 200, d, dtype, gen, buffer_size=32,
@@ -340,12 +342,23 @@ def test_captured_step_dense_fallback() -> None:
         append_same((t_idx, g_idx), "clustered", 3, gen)
         q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
         s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
-        got = step(q.to(DEVICE))
+        if t % 3 == 0:
+            got = step(q.to(DEVICE))
+        elif t % 3 == 1:
+            got = step(q)                    # on the host: copied straight into step.q
+        else:
+            step.q.copy_(q)
+            got = step(step.q)               # in place (t = 2 runs the dense step)
         policy = Dense() if step.last_dense else Relative(1e-3)
         check_step(t_idx, q, s, t_idx.attend(q, policy), got, policy, f"call {t}")
         ran.append(step.last_dense)
     # calls 0 and 1 time both variants; then the (pretended) faster one runs
     assert ran == [False, True, True, True, False, False]
+    assert step._dense is not None and step._dense.q is step.q
+    for bad in (torch.zeros(hkv * g, d + 8, dtype=dtype, device=DEVICE),
+                torch.zeros(hkv * g, d, dtype=torch.float32, device=DEVICE)):
+        with pytest.raises(ValueError, match="q_buffer"):
+            decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA, q_buffer=bad)
     assert step.scratch_bytes > decode.CapturedStep(g_idx, Relative(1e-3), hkv * g,
                                                     graph=CUDA).scratch_bytes
     for policy in (Dense(), Fixed(0.0)):
