@@ -24,7 +24,8 @@ num_candidates = the number of keys and the check of q).
 
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
-counters) in a CUDA graph; a replay is one copy of q into the graph's input plus the replay.
+counters) in a CUDA graph; a replay is the graph launch, plus a copy of q into the graph's
+input unless the caller wrote it there.
 With ``fallback`` (Relative policies) it also records the index's Dense step, times both now
 and then, and replays the faster: the automatic dense fallback.
 """
@@ -481,7 +482,7 @@ class CapturedStep:
     kernel and one graph launch on the host, whatever the number of keys. ``step(step.q)``
     skips the copy, for callers that write the query there themselves; a query on the host is
     copied straight into ``step.q`` (the service passes the request's query so). Either saves
-    the device-to-device copy (~4 us of a step on an H200).
+    the device-to-device copy (~3 us of a step on an H200, benchmarks/bench_gpu.py).
 
     Re-capture: the graph holds the addresses of the index's storage and of this object's
     buffers. Appends and flushes write the storage and the running maxima the slack is computed
