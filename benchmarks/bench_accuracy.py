@@ -344,12 +344,12 @@ def nll_task(bench: Bench, rows: list[Row], lengths: list[int], positions: int
 
         def work(h: Any, ids: torch.Tensor = ids, length: int = length,
                  dense_argmax: list[int] = dense_argmax) -> tuple[float, dict[str, Any]]:
-            cache = h.cache()
+            cache = h.cache_kwargs()
             nll: list[float] = []
             top1: list[int] = []
             with torch.inference_mode():
                 for p in range(length, length + positions):
-                    logits = bench.model(input_ids=ids[:, p:p + 1], cache=cache, use_cache=True
+                    logits = bench.model(input_ids=ids[:, p:p + 1], use_cache=True, **cache
                                          ).logits[0, -1].float()
                     nll.append(float(torch.logsumexp(logits, 0) - logits[ids[0, p + 1]]))
                     top1.append(int(logits.argmax()))

@@ -37,7 +37,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import platform
@@ -272,8 +271,9 @@ def capture(model: Any, tokenizer: Any, text_or_ids: str | Sequence[int] | torch
             lambda m, i, o, index=index: layer_progress(m, i, o, index)))
 
     previous = config._attn_implementation
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters \
-        else "past_key_values"
+    from louver_client.hf import cache_argument
+
+    cache_kw = cache_argument(model)
     start = time.perf_counter()
     try:
         model.set_attn_implementation(CAPTURE_ATTN)

@@ -19,12 +19,14 @@ Shapes from transformers: query [B, Hq, L, D], key/value [B, Hkv, L_kv, D] after
 cache update; the function returns [B, L, Hq, Dv] like ``sdpa_attention_forward``.
 
 :class:`LouverCache` keeps no K/V (only lengths), so the model does not duplicate the cache the
-session holds; pass ``cache=handle.cache()`` to ``model(...)`` / ``model.generate(...)``. With
-the model's default DynamicCache everything works too, at the price of a local copy.
+session holds; pass ``**handle.cache_kwargs()`` to ``model(...)`` / ``model.generate(...)``
+(``cache=handle.cache()`` from transformers 5.24 on, ``past_key_values=`` before). With the
+model's default DynamicCache everything works too, at the price of a local copy.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import threading
@@ -47,7 +49,7 @@ from louver_client.types import AttendOutput
 from louver_kernels.threshold import Policy
 
 __all__ = ["ATTN_IMPLEMENTATION", "LouverAttention", "LouverCache", "PrefillCapture",
-           "StepStats", "capture_prefill", "louver_attention"]
+           "StepStats", "cache_argument", "capture_prefill", "louver_attention"]
 
 #: The attention implementation name registered with transformers.
 ATTN_IMPLEMENTATION = "louver"
@@ -203,6 +205,7 @@ class LouverAttention:
         self.num_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.num_q_heads)
         self.head_dim = int(getattr(cfg, "head_dim", None)
                             or cfg.hidden_size // cfg.num_attention_heads)
+        self.cache_arg = cache_argument(model)
         self.stats: list[StepStats] = []
         self.captured: list[tuple[torch.Tensor, torch.Tensor] | None] | None = (
             [None] * self.num_layers if capture else None)
@@ -264,6 +267,11 @@ class LouverAttention:
                                    f"{sorted(set(self._lengths))}; cannot continue")
         return LouverCache(self.num_layers, offset)
 
+    def cache_kwargs(self) -> dict[str, LouverCache]:
+        """A fresh cache (:meth:`cache`) under the name the model's forward takes it by
+        (``cache_arg``): ``model.generate(input_ids, **handle.cache_kwargs())``."""
+        return {self.cache_arg: self.cache()}
+
     # ------------------------------------------------------------------ attention
 
     def _forward(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -286,7 +294,8 @@ class LouverAttention:
             if first != n:
                 raise LouverError(grpc.StatusCode.FAILED_PRECONDITION,
                                   f"layer {layer}: the model is at position {first} but the "
-                                  f"session holds {n} tokens; pass cache=handle.cache()")
+                                  f"session holds {n} tokens; pass the handle's cache "
+                                  f"(**handle.cache_kwargs())")
         new_k = key[0, :, kv_len - q_len:].detach()   # [Hkv, L, D]
         new_v = value[0, :, kv_len - q_len:].detach()  # [Hkv, L, Dv]
         if q_len == 1 and (n > 0 or kv_len == 1):
@@ -396,7 +405,8 @@ class LouverAttention:
         ids = input_ids
         step_ids = input_ids[:, done:]
         for _ in range(max_new_tokens):
-            out = self.model(input_ids=step_ids, cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(input_ids=step_ids, use_cache=True, logits_to_keep=1,
+                             **{self.cache_arg: cache})
             token = int(out.logits[0, -1].argmax())
             ids = torch.cat([ids, ids.new_tensor([[token]])], dim=1)
             if on_token is not None:
@@ -424,6 +434,13 @@ class LouverAttention:
             "step_s_median": _quantile(wall, 0.5),
             "step_s_p90": _quantile(wall, 0.9),
         }
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword under which ``model``'s forward takes a Cache: ``cache`` (transformers
+    5.24 and later) or ``past_key_values`` (earlier releases, and the deprecated alias)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -462,7 +479,7 @@ def louver_attention(model: Any, session: Session | None, policy: Policy | None 
         capture: keep the prefill's K/V per layer in ``handle.captured``.
         progress: progress(stage, done, total) callback (see :data:`Progress`).
     Yields:
-        the :class:`LouverAttention` handle (``cache()``, ``generate()``, ``stats``).
+        the :class:`LouverAttention` handle (``cache_kwargs()``, ``generate()``, ``stats``).
 
     On exit the previous attention implementation is restored and the decode stream closed.
     """
@@ -489,7 +506,7 @@ def capture_prefill(model: Any, input_ids: torch.Tensor,
         input_ids: int64 [1, L].
     """
     with louver_attention(model, None, capture=True, progress=progress) as h:
-        out = model(input_ids=input_ids, cache=h.cache(), use_cache=True, logits_to_keep=1)
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **h.cache_kwargs())
     assert h.captured is not None
     kv = [pair for pair in h.captured if pair is not None]
     if len(kv) != h.num_layers:

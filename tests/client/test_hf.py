@@ -3,6 +3,7 @@ session gives the tokens of transformers' own dense generation."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 
 import grpc
@@ -11,7 +12,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from louver_client import Dense, LocalSession, LouverClient, LouverError, Relative, Session
-from louver_client.hf import ATTN_IMPLEMENTATION, LouverCache, capture_prefill, louver_attention
+from louver_client.hf import (
+    ATTN_IMPLEMENTATION,
+    LouverCache,
+    cache_argument,
+    capture_prefill,
+    louver_attention,
+)
 
 LAYERS, HQ, HKV, HEAD_DIM = 2, 4, 2, 16
 NEW_TOKENS = 12
@@ -75,8 +82,9 @@ def test_greedy_loop_matches_dense_generation(model: LlamaForCausalLM, prompt: t
 def test_model_generate_with_louver_cache(model: LlamaForCausalLM, prompt: torch.Tensor,
                                           dense_tokens: torch.Tensor, session: Session) -> None:
     with louver_attention(model, session, Relative(1e-6), use_stream=False) as h:
-        cache = h.cache()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache,
+        kwargs = h.cache_kwargs()     # the cache under the name this transformers uses
+        (cache,) = kwargs.values()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), **kwargs,
                              max_new_tokens=NEW_TOKENS, do_sample=False)
     assert out[0, prompt.shape[1]:].tolist() == dense_tokens.tolist()
     assert isinstance(cache, LouverCache) and cache.get_seq_length() == 80 + NEW_TOKENS - 1
@@ -134,3 +142,18 @@ def test_errors_and_restoration(model: LlamaForCausalLM, prompt: torch.Tensor) -
     assert exc.value.code is grpc.StatusCode.FAILED_PRECONDITION
     out = model(input_ids=prompt)  # the model still works normally
     assert out.logits.shape == (1, 80, 128)
+
+
+def test_cache_argument_follows_the_forward_signature(model: LlamaForCausalLM) -> None:
+    """The handle passes its cache by the name the installed transformers' forward takes:
+    ``cache`` from 5.24 on, ``past_key_values`` before."""
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, cache: object = None) -> None: ...
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, past_key_values: object = None) -> None: ...
+
+    assert cache_argument(New()) == "cache"
+    assert cache_argument(Old()) == "past_key_values"
+    assert cache_argument(model) in inspect.signature(model.forward).parameters
