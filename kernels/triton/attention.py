@@ -79,7 +79,11 @@ per SM, 0.18 instructions issued per cycle and scheduler, DRAM at 2 %; at 128k k
 likewise (0.30, 7 %). A loop iteration (a 32-row block for 32/8/128) is ~950 SASS instructions
 per warp, about a quarter of them the FMAs of the exact scores and of P @ V. Faster means a
 shorter chain per program (fewer serial blocks where the grid has room, a cheaper merge) and
-more warps to hide it (fewer registers), not more bandwidth.
+more warps to hide it (fewer registers), not more bandwidth. Fewer registers must come from
+the code, not from a cap: with maxnreg = 168 or 128 (392-784 B of spills; 9/3/64's loop 728 ->
+851 / 922 SASS instructions; set on the launch by hand) the best split parameters of
+``bench_attention_gpu --split-sweep`` took 1.08-1.16x / 1.10-1.32x the uncapped best for
+9/3/64 and 1.14-1.44x / 1.21-1.69x for 32/8/128 (H200, every case of the sweep slower).
 
 No host synchronization, no ``.item()``, no data-dependent control flow on the host: the grid
 depends only on shapes (maxC, cap) and on Python ints. ``buffer_start`` and ``buffer_end`` may
