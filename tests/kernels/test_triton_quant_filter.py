@@ -136,8 +136,9 @@ def _near(bounds: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 def _check_exact(case: Case, tau: torch.Tensor, lists: list[torch.Tensor],
                  pruned: torch.Tensor, msg: str) -> None:
     """Candidates equal the reference's except keys whose bound is within rounding of tau;
-    pruned_lse matches the reference when no such key exists."""
-    cand, _, lse = case.reference(tau)
+    pruned_lse matches the reference when no such key exists, and otherwise lies between the
+    logsumexps of the bounds the kernel may have used for the keys it pruned."""
+    cand, surv, lse = case.reference(tau)
     got = _as_mask(lists, case.n)
     close = _near(torch.cat([case.full, case.coarse_b], dim=0), torch.cat([tau, tau]))
     close = close.reshape(2, case.hkv, case.g, case.n).any(dim=2).any(dim=0)
@@ -149,13 +150,31 @@ def _check_exact(case: Case, tau: torch.Tensor, lists: list[torch.Tensor],
     diff = (idx_cand != cand.cpu()) & ~close
     assert not bool(diff.any()), f"{msg}: reference differs from LouverIndex.bounds"
     assert not bool(torch.isnan(pruned).any()), f"{msg}: pruned_lse not written"
+    # the kernel sums the bound's terms in another order than torch: each bound may differ by
+    # up to the slack (which covers twice the float32 rounding of either order)
+    slack = case.index.scale * case.slack.cpu()
+    pruned = pruned.cpu()
     if not bool(close.any()):
-        # the kernel sums the bound's terms in another order than torch: each bound may differ
-        # by up to the slack (which covers twice the float32 rounding of either order)
-        tol = 1e-4 + 1e-4 * lse.cpu().abs() + case.index.scale * case.slack.cpu()
-        ok = ((pruned.cpu() - lse.cpu()).abs() <= tol) | (
-            torch.isneginf(pruned.cpu()) & torch.isneginf(lse.cpu()))
+        lse = lse.cpu()
+        tol = 1e-4 + 1e-4 * lse.abs() + slack
+        ok = ((pruned - lse).abs() <= tol) | (torch.isneginf(pruned) & torch.isneginf(lse))
         assert bool(ok.all()), f"{msg}: pruned_lse {pruned.tolist()} != {lse.tolist()}"
+        return
+    # keys near tau: the kernel pruned exactly the keys it did not list; such a key may have
+    # survived the coarse stage or not, so its bound is the full or the coarse one
+    full, coarse = case.full.cpu(), case.coarse_b.cpu()
+    close_h = ref.expand_heads(close, case.hq)
+    bound = torch.where(ref.expand_heads(surv.cpu(), case.hq), full, coarse)
+    lo = torch.where(close_h, torch.minimum(full, coarse), bound)
+    hi = torch.where(close_h, torch.maximum(full, coarse), bound)
+    kept = ref.expand_heads(got, case.hq)
+    lse_lo, lse_hi = (torch.logsumexp((b.double() * case.index.scale).masked_fill(kept, -math.inf),
+                                      dim=1).float() for b in (lo, hi))
+    above = pruned >= lse_lo - (1e-4 + 1e-4 * lse_lo.abs() + slack)
+    below = pruned <= lse_hi + (1e-4 + 1e-4 * lse_hi.abs() + slack)
+    ok = (above & below) | (torch.isneginf(pruned) & torch.isneginf(lse_hi))
+    assert bool(ok.all()), f"{msg}: pruned_lse {pruned.tolist()} outside [{lse_lo.tolist()}, " \
+        f"{lse_hi.tolist()}]"
 
 
 def _tau_in_gap(bounds: torch.Tensor, frac: float) -> torch.Tensor:
