@@ -4,18 +4,11 @@ poisoned outputs and the comparison against reference.masked_attention."""
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-
-
-def gen_seed() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
-    return gen, seed
 
 
 def storage(hkv: int, cap: int, valid: int, dim: int, dtype: torch.dtype,

@@ -1,8 +1,19 @@
-"""Key generators for the property tests: random, adversarial and real keys."""
+"""Key generators for the property tests: random, adversarial and real keys; fresh seeds."""
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+
+def gen_seed() -> tuple[torch.Generator, int]:
+    """A generator on a fresh random seed (tests name it in their failure messages), or on
+    LOUVER_TEST_SEED when set, to replay a failure: LOUVER_TEST_SEED=<seed> pytest -k <test>."""
+    env = os.environ.get("LOUVER_TEST_SEED")
+    seed = int(env) if env else int.from_bytes(os.urandom(4), "little")
+    return torch.Generator().manual_seed(seed), seed
+
 
 KINDS = ("random", "duplicates", "boundary", "huge", "tiny", "fp16_extreme", "outlier_channel",
          "clustered", "single")

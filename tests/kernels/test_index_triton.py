@@ -16,7 +16,7 @@ from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Re
 from louver_kernels import reference as ref
 from louver_kernels.index import MAX_QUERY_ABS, AttendOutput
 from louver_kernels.triton import decode
-from tests.kernels.keygen import make_keys
+from tests.kernels.keygen import gen_seed, make_keys
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -58,8 +58,7 @@ def append_same(indexes: tuple[LouverIndex, ...], kind: str, t: int, gen: torch.
                                              ("duplicates", torch.float16)])
 @pytest.mark.parametrize("group", [1, 3])
 def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group: int) -> None:
-    seed = int(torch.randint(0, 2**31, ()).item())
-    gen = torch.Generator().manual_seed(seed)
+    gen, seed = gen_seed()
     hkv, n, d = 2, 150, 64
     t_idx, g_idx = build_pair(kind, hkv, n, d, dtype, gen, buffer_size=32, quant_bits=6,
                               quant_coarse_bits=4, probe_recent=16)

@@ -27,11 +27,11 @@ from tests.kernels.attention_checks import (
     CUDA,
     DEVICE,
     check,
-    gen_seed,
     make_q,
     poisoned,
     storage,
 )
+from tests.kernels.keygen import gen_seed
 
 DTYPES = FLOAT_DTYPES   # the kernels' float dtypes
 DIMS = ((64, 64), (128, 128))

@@ -21,11 +21,11 @@ from tests.kernels.attention_checks import (
     CUDA,
     DEVICE,
     check,
-    gen_seed,
     make_q,
     poisoned,
     storage,
 )
+from tests.kernels.keygen import gen_seed
 
 DTYPES = FLOAT_DTYPES   # the kernels' float dtypes
 # relative error of one rounding of a softmax weight (p_split=False) per value dtype

@@ -17,7 +17,6 @@ multiplication, see encode.py).
 from __future__ import annotations
 
 import math
-import os
 import weakref
 from fractions import Fraction
 from typing import Any
@@ -37,7 +36,7 @@ from louver_kernels.triton.encode import (
     _square,
     quant_encode_packed,
 )
-from tests.kernels.keygen import make_keys
+from tests.kernels.keygen import gen_seed, make_keys
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -174,9 +173,8 @@ def test_encode_matches_reference(spec: tuple[Any, ...], monkeypatch: pytest.Mon
      torch_exact) = spec
     if name == "reduce-path":
         monkeypatch.setattr(encode, "_INTERPRETED", False)
-    seed = int.from_bytes(os.urandom(4), "little")
+    gen, seed = gen_seed()
     msg = f"seed {seed}"
-    gen = torch.Generator().manual_seed(seed)
     cap = (end // seg + 2) * seg
     keys = torch.zeros(hkv, cap, d, dtype=dtype)
     keys[:, :end] = case_keys(kind, hkv, end, d, dtype, gen)
@@ -256,8 +254,7 @@ def test_norm_rounding_is_the_exact_rounded_up_norm(tree: bool) -> None:
     """_square / _row_sum / _ru32_sqrt: the smallest float32 >= the exact norm of float64
     rows, including rows whose float64 norm (torch, any order) rounds below it. Both
     summation paths (the interpreter's tree, the GPU's tl.reduce) run on either machine."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
+    gen, seed = gen_seed()
     r, n = 32, 16
     mant = torch.randn(r, n, generator=gen, dtype=torch.float64)
     x = torch.ldexp(mant, torch.randint(-80, 80, (r, n), generator=gen).double())
@@ -290,8 +287,7 @@ def test_norm_rounding_is_the_exact_rounded_up_norm(tree: bool) -> None:
 def test_index_flushes_match_torch_backend(dtype: torch.dtype, group: int) -> None:
     """A LouverIndex(backend="triton") built and appended across several flushes (partial
     segments re-encoded, a flush of several segments) holds the torch backend's records."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
+    gen, seed = gen_seed()
     hkv, d, seg, bits, coarse = 2, 64, 16, 6, 4
     cfg = dict(kind=IndexKind.QUANT, buffer_size=seg, quant_bits=bits, quant_coarse_bits=coarse,
                quant_group=group)
@@ -329,8 +325,7 @@ def test_captured_flush_follows_growth_and_lets_the_index_go() -> None:
     """Decode-time flushes go through CapturedFlush (graph replays on CUDA); growing the
     storage makes a new one over the new tensors (the records stay the torch backend's, the
     device counters follow), and a dropped index is freed at once (no reference cycle)."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
+    gen, seed = gen_seed()
     hkv, d, seg = 2, 64, 32
     cfg = dict(kind=IndexKind.QUANT, buffer_size=seg)
     keys = make_keys("clustered", hkv, 50, d, torch.float16, gen)
@@ -383,8 +378,7 @@ def test_counted_encode_is_the_packed_encode(n_idx: int, n_keys: int, max_keys: 
     """quant_encode_counted with positions read on the device writes exactly what
     quant_encode_packed(start=n // B * B, end=m, norm_start=n) writes (clamped to the
     storage, cut at the grid's max_keys), and nothing else."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    gen = torch.Generator().manual_seed(seed)
+    gen, seed = gen_seed()
     hkv, cap, d = 2, 64, 64
     base = _storage(hkv, cap, d, seg, gen)
     got = {k: v.clone().to(DEVICE) for k, v in base.items()}

@@ -11,7 +11,6 @@ preallocated outputs first (cand_pos -7, cand_count -5, pruned_lse NaN).
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import pytest
@@ -26,7 +25,7 @@ from louver_kernels.triton.quant_filter import (
     quant_filter,
     quant_filter_reference,
 )
-from tests.kernels.keygen import make_keys
+from tests.kernels.keygen import gen_seed, make_keys
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -37,11 +36,6 @@ POISON_CNT = -5
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def _gen() -> tuple[torch.Generator, int]:
-    seed = int.from_bytes(os.urandom(4), "little")
-    return torch.Generator().manual_seed(seed), seed
 
 
 class Case:
@@ -222,7 +216,7 @@ def test_expand_is_the_inverse_of_pack(width: int) -> None:
 
 @pytest.mark.parametrize("bits,coarse", [(6, 4), (4, 4), (3, 1), (6, 2), (5, 4)])
 def test_pack_codes_round_trip(bits: int, coarse: int) -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     codes = torch.randint(0, 1 << bits, (3, 5, 64), generator=gen).to(torch.uint8)
     packed = ref.pack_codes(codes, bits, coarse)
     assert packed.shape == (3, 5, 64 * bits // 8)
@@ -234,7 +228,7 @@ def test_pack_codes_round_trip(bits: int, coarse: int) -> None:
 def test_integer_query_rounds_up() -> None:
     """sigma qi >= qstep exactly, |qi| <= 2^14, sigma a power of two; also for zeros, tiny and
     huge values, and a value whose scaled image is subnormal."""
-    gen, _ = _gen()
+    gen, _ = gen_seed()
     rows = [torch.randn(64, generator=gen) * 10.0 ** e for e in (-30, -3, 0, 3, 30)]
     rows.append(torch.zeros(64))
     odd = torch.zeros(64)
@@ -278,7 +272,7 @@ def _case_id(c: tuple) -> str:
 @pytest.mark.parametrize("spec", CASES, ids=[_case_id(c) for c in CASES])
 def test_candidates_and_certificate(spec: tuple) -> None:
     kind, hkv, g, n, d, bits, coarse, group, seg, dtype = spec
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     case = Case(kind=kind, hkv=hkv, g=g, n=n, d=d, bits=bits, coarse=coarse, group=group,
                 seg=seg, dtype=dtype, gen=gen)
     assert case.n > 0
@@ -307,7 +301,7 @@ def test_candidates_and_certificate(spec: tuple) -> None:
 
 
 def test_infinite_thresholds_and_partial_segment() -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     case = Case(kind="random", hkv=2, g=3, n=128, d=64, bits=6, coarse=4, group=16, seg=64,
                 dtype=torch.float16, gen=gen)
     msg = f"seed={seed}"
@@ -333,7 +327,7 @@ def test_infinite_thresholds_and_partial_segment() -> None:
 
 
 def test_empty_index_and_device_count() -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     case = Case(kind="clustered", hkv=2, g=4, n=96, d=64, bits=6, coarse=4, group=16, seg=32,
                 dtype=torch.bfloat16, gen=gen)
     msg = f"seed={seed}"
@@ -372,7 +366,7 @@ def test_empty_index_and_device_count() -> None:
 
 def test_single_range_layout() -> None:
     """2-D lo/step (one range over all keys) agrees with one segment of all keys."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     n = 160
     case = Case(kind="outlier_channel", hkv=1, g=3, n=n, d=128, bits=6, coarse=4, group=16,
                 seg=n, dtype=torch.float16, gen=gen)
@@ -391,7 +385,7 @@ def test_single_range_layout() -> None:
 
 def test_allocates_outputs_and_repeats() -> None:
     """Outputs allocated by the launcher; repeated launches (self-resetting counters) agree."""
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     n = 4096 if CUDA else 160
     case = Case(kind="clustered", hkv=2, g=3, n=n, d=64, bits=6, coarse=4, group=16,
                 seg=64, dtype=torch.float16, gen=gen)
@@ -418,7 +412,7 @@ def _lists_unpoisoned(cp: torch.Tensor, cc: torch.Tensor, n: int) -> list[torch.
 @pytest.mark.skipif(not CUDA, reason="large shapes need a GPU")
 @pytest.mark.parametrize("hkv,g,d", [(3, 3, 64), (8, 4, 128)])
 def test_large_on_gpu(hkv: int, g: int, d: int) -> None:
-    gen, seed = _gen()
+    gen, seed = gen_seed()
     case = Case(kind="clustered", hkv=hkv, g=g, n=65536 + 256 * 7, d=d, bits=6, coarse=4,
                 group=16, seg=256, dtype=torch.float16, gen=gen)
     for frac in (0.8, 0.99):
@@ -436,7 +430,7 @@ def test_large_on_gpu(hkv: int, g: int, d: int) -> None:
 
 
 def test_validation_errors() -> None:
-    gen, _ = _gen()
+    gen, _ = gen_seed()
     case = Case(kind="random", hkv=2, g=2, n=64, d=64, bits=6, coarse=4, group=16, seg=32,
                 dtype=torch.float16, gen=gen)
     tau = torch.zeros(case.hq, device=DEVICE)
