@@ -228,7 +228,8 @@ def test_pack_codes_round_trip(bits: int, coarse: int) -> None:
 def test_integer_query_rounds_up() -> None:
     """sigma qi >= qstep exactly, |qi| <= 2^14, sigma a power of two; also for zeros, tiny and
     huge values, and a value whose scaled image is subnormal."""
-    gen, _ = gen_seed()
+    gen, seed = gen_seed()
+    msg = f"seed={seed}"
     rows = [torch.randn(64, generator=gen) * 10.0 ** e for e in (-30, -3, 0, 3, 30)]
     rows.append(torch.zeros(64))
     odd = torch.zeros(64)
@@ -236,13 +237,13 @@ def test_integer_query_rounds_up() -> None:
     rows.append(odd)
     qstep = torch.stack(rows).float()
     qi, sigma = ref.quant_query_int(qstep)
-    assert bool((qi.abs() <= 1 << 14).all())
+    assert bool((qi.abs() <= 1 << 14).all()), msg
     mant, _ = torch.frexp(sigma)
-    assert bool((mant == 0.5).all())
+    assert bool((mant == 0.5).all()), msg
     exact = qi.double() * sigma.double()[:, None]
-    assert bool((exact >= qstep.double()).all())
+    assert bool((exact >= qstep.double()).all()), msg
     # and tight: less than one grid step above (the subnormal case: one step at most)
-    assert bool((exact - qstep.double() <= sigma.double()[:, None]).all())
+    assert bool((exact - qstep.double() <= sigma.double()[:, None]).all()), msg
 
 
 # ----------------------------------------------------------------------------------------------
