@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from benchmarks.gpu_common import copy_bandwidth
 from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative
 from louver_kernels import reference as ref
+from louver_kernels.triton import _launch
 from louver_kernels.triton.decode import CapturedStep
 
 
@@ -477,7 +478,11 @@ def main() -> None:
                         help="IndexConfig.quant_coarse_bits (default: the config's)")
     parser.add_argument("--sweep", action="store_true",
                         help="also time the step against the split counts of both kernels")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="launch the step's kernels without programmatic dependent launch "
+                             "(the comparison; the default uses it where the GPU has it)")
     args = parser.parse_args()
+    _launch.USE_PDL = not args.no_pdl
     if args.make_capture:
         make_capture(args.make_capture, args.layer, 64, args.capture)
         return
@@ -528,6 +533,7 @@ def main() -> None:
                         "rows": rows})
     out = {"benchmark": "bench_gpu", "gpu": torch.cuda.get_device_name(),
            "torch": torch.__version__, "copy_bytes_per_s": copy_bps, "config": str(config),
+           "programmatic_dependent_launch": bool(_launch.pdl_launch(torch.device("cuda"))),
            "timing": "median of triton.testing.do_bench (CUDA events) after warm-up; "
                      "sdpa = CUDA graph replay of the fastest backend; louver_graph = "
                      "CapturedStep replay reading q from its input buffer (step.q, where "

@@ -4,8 +4,21 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-__all__ = ["load_scalar", "query_error"]
+__all__ = ["await_prior", "load_scalar", "query_error"]
+
+
+@triton.jit
+def await_prior(PDL: tl.constexpr):
+    """The first statement of a kernel launched with _launch.pdl_launch's options (PDL: that
+    the launch enabled it): let the kernel after it on the stream launch once every program
+    of this one got here (its programs wait likewise), then wait until the kernel before it
+    has completed and its writes are visible. Nothing before this may touch global memory.
+    No-op when PDL is False."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
 
 
 @triton.jit

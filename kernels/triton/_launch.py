@@ -15,11 +15,16 @@ import triton
 
 __all__ = ["FLOAT_DTYPES", "CounterPool", "attention_outputs", "capture_graph",
            "check_attention_inputs", "check_bound", "check_code_layout", "check_device_scalar",
-           "check_int", "check_out", "interpreted", "next_pow2", "num_sms", "side_stream"]
+           "check_int", "check_out", "interpreted", "next_pow2", "num_sms", "pdl_launch",
+           "side_stream"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _SM_COUNT: dict[int, int] = {}
+_PDL_CAPABLE: dict[int, bool] = {}
+# Programmatic dependent launch for the step's kernels (pdl_launch); False turns it off
+# (a benchmark's comparison, or a driver that mishandles it).
+USE_PDL = True
 _CAPTURE_LOCK = threading.RLock()   # a nested capture fails in CUDA, never deadlocks
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _SIDE_LOCK = threading.Lock()
@@ -130,6 +135,26 @@ def num_sms(device: torch.device) -> int:
         count = torch.cuda.get_device_properties(index).multi_processor_count
         _SM_COUNT[index] = count
     return count
+
+
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """The launch options of a kernel that starts with ``_device.await_prior(PDL)``: on a CUDA
+    device of compute capability >= 9.0 (while USE_PDL), {"launch_pdl": True}, and the
+    kernel's PDL flag is True; else {} and False (an older GPU, the CPU interpreter).
+
+    Programmatic dependent launch lets the GPU start a kernel while the kernel before it on the
+    stream is still running, once every program of that one has begun; the new kernel's
+    programs then wait (griddepcontrol.wait) for it to complete and its memory to be visible
+    before reading or writing anything, so only the launch latency between two dependent
+    kernels is hidden, never a dependency. A CUDA graph records it as a programmatic edge."""
+    if not USE_PDL or device.type != "cuda":
+        return {}
+    index = _device_index(device)
+    capable = _PDL_CAPABLE.get(index)
+    if capable is None:
+        capable = torch.cuda.get_device_capability(index) >= (9, 0)
+        _PDL_CAPABLE[index] = capable
+    return {"launch_pdl": True} if capable else {}
 
 
 def next_pow2(x: int) -> int:

@@ -100,7 +100,7 @@ import torch
 import triton
 import triton.language as tl
 
-from louver_kernels.triton._device import load_scalar
+from louver_kernels.triton._device import await_prior, load_scalar
 from louver_kernels.triton._launch import (
     CounterPool,
     attention_outputs,
@@ -109,6 +109,7 @@ from louver_kernels.triton._launch import (
     check_out,
     next_pow2,
     num_sms,
+    pdl_launch,
 )
 from louver_kernels.triton._splitk import (
     merge_partials,
@@ -161,7 +162,9 @@ def _sparse_attention_kernel(
     BUF_START_ON_DEVICE: tl.constexpr,
     BUF_END_ON_DEVICE: tl.constexpr, BELOW: tl.constexpr, CERT: tl.constexpr,
     MIN_BLOCKS: tl.constexpr, HKV_P: tl.constexpr, MERGE_GROUP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    await_prior(PDL)
     prog = tl.program_id(0)
     # one float32 workspace: [m, l] per (slot, head), then acc [slot, head, DV], then int32
     # counts, then (BELOW only) [m, l] of the below-tau candidates per (slot, head); one slot
@@ -634,6 +637,7 @@ def sparse_attention(
     counters = _COUNTERS.get(device, hkv + n_prog)
     g_p = next_pow2(g)
     split_chunk = max(1, 8192 // (g_p * dv))
+    pdl = pdl_launch(device)
 
     _sparse_attention_kernel[(n_prog,)](
         q, keys, values, tau,
@@ -653,7 +657,7 @@ def sparse_attention(
         G_P=g_p, SPLIT_CHUNK=split_chunk, BUF_START_ON_DEVICE=bs_t is not None,
         BUF_END_ON_DEVICE=be_t is not None, BELOW=below, CERT=cert, MIN_BLOCKS=min_blocks,
         HKV_P=next_pow2(hkv), MERGE_GROUP=split_chunk if merge_group is None else merge_group,
-        num_warps=num_warps, num_stages=1,
+        PDL=bool(pdl), num_warps=num_warps, num_stages=1, **pdl,
     )
     return out, lse, num_attended
 

@@ -23,6 +23,9 @@ on tensor cores, and its merge, which also writes tau = -inf, dropped_mass_bound
 num_candidates = the number of keys and the check of q).
 
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
+On a GPU that has it (compute capability >= 9.0), every launch uses programmatic dependent
+launch (``_launch.pdl_launch``): a kernel starts while the one before it finishes and waits on
+the device for its results (on an H200 this took 0.3-2.2 us off most graph-replayed steps).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
 counters) in a CUDA graph; a replay is the graph launch, plus a copy of q into the graph's
 input unless the caller wrote it there.
@@ -44,8 +47,8 @@ import triton.language as tl
 
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Fixed, Policy, Relative
-from louver_kernels.triton._device import load_scalar, query_error
-from louver_kernels.triton._launch import CounterPool, capture_graph, next_pow2
+from louver_kernels.triton._device import await_prior, load_scalar, query_error
+from louver_kernels.triton._launch import CounterPool, capture_graph, next_pow2, pdl_launch
 from louver_kernels.triton.attention import sparse_attention
 from louver_kernels.triton.dense_attention import dense_attention
 from louver_kernels.triton.quant_filter import quant_filter
@@ -130,6 +133,7 @@ def _prologue_kernel(
     stride_qh, stride_kh, stride_kn,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, SINKS: tl.constexpr,
     RECENT: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr, ON_DEVICE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (kh, c) of grid (Hkv, S + 1) (Relative) or (Hkv, 1), for the query heads
     h = kh * G + g of KV head kh:
@@ -150,6 +154,7 @@ def _prologue_kernel(
     and the check run in a program of their own, beside the probe (the kernel is a chain of
     dependent latencies, not throughput: one program doing both took longer).
     """
+    await_prior(PDL)
     kh = tl.program_id(0)
     c = tl.program_id(1)
     num_c = tl.num_programs(1) - 1 if MODE == 2 else 0    # S, the probe programs
@@ -253,6 +258,7 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     chunks = _chunks(index, mode)
     ws = (torch.empty(hkv * chunks * g_p, dtype=torch.float32, device=q.device) if chunks > 1
           else dummy)
+    pdl = pdl_launch(q.device)
     _prologue_kernel[(hkv, chunks + 1)](
         q, keys, index._kmax, index._rmax, index._lmax, slack_const,
         tau_in if tau_in is not None else dummy,
@@ -262,8 +268,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         float(_max_query_abs()),
         q.stride(0), keys.stride(0), keys.stride(1),
         G=g, G_P=g_p, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
-        BLOCK=_PROBE_BLOCK, MODE=mode, ON_DEVICE=counts is not None,
-        num_warps=4, num_stages=1,
+        BLOCK=_PROBE_BLOCK, MODE=mode, ON_DEVICE=counts is not None, PDL=bool(pdl),
+        num_warps=4, num_stages=1, **pdl,
     )
 
 

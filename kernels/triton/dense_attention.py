@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from louver_kernels.triton._device import load_scalar, query_error
+from louver_kernels.triton._device import await_prior, load_scalar, query_error
 from louver_kernels.triton._launch import (
     attention_outputs,
     check_attention_inputs,
@@ -56,6 +56,7 @@ from louver_kernels.triton._launch import (
     interpreted,
     next_pow2,
     num_sms,
+    pdl_launch,
 )
 from louver_kernels.triton._splitk import store_outputs
 
@@ -126,8 +127,9 @@ def _dense_attention_kernel(
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, M: tl.constexpr, HALF: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr, END_ON_DEVICE: tl.constexpr,
     Q_SPLIT: tl.constexpr, P_SPLIT: tl.constexpr, PREC: tl.constexpr, NUM_STAGES: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_prior(PDL)
     kh = tl.program_id(0)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -198,10 +200,11 @@ def _dense_merge_kernel(
     scale, end, cap, n_split, n_slots, max_abs, stride_qh,
     G: tl.constexpr, G_P: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_N: tl.constexpr, MIN_BLOCKS: tl.constexpr, END_ON_DEVICE: tl.constexpr,
-    CHUNK: tl.constexpr, STEP: tl.constexpr,
+    CHUNK: tl.constexpr, STEP: tl.constexpr, PDL: tl.constexpr,
 ):
     """Query head h's partials merged (online max over CHUNK slots at a time); its outputs.
     STEP: also the decode step's (see dense_attention)."""
+    await_prior(PDL)
     h = tl.program_id(0)
     LOG2E: tl.constexpr = 1.4426950408889634
     C = scale * LOG2E
@@ -352,6 +355,7 @@ def dense_attention(
         raise ValueError(f"num_splits={num_splits} is too large for Hq={hq}, Dv={dv}")
     workspace = torch.empty(n_slots * (dv + 2), dtype=torch.float32, device=device)
     end_arg = e_t if e_t is not None else q
+    pdl = pdl_launch(device)
     _dense_attention_kernel[(hkv, num_splits)](
         q, keys, values, end_arg, workspace,
         float(scale), e, cap,
@@ -359,7 +363,8 @@ def dense_attention(
         G=g, D=d, DV=dv, M=rows, HALF=half, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
         END_ON_DEVICE=e_t is not None, Q_SPLIT=sixteen and q.dtype != keys.dtype,
         P_SPLIT=p_split, PREC="ieee" if not sixteen else "tf32", NUM_STAGES=num_stages,
-        PIPELINE=not _INTERPRETED, num_warps=num_warps, num_stages=num_stages,
+        PIPELINE=not _INTERPRETED, PDL=bool(pdl), num_warps=num_warps, num_stages=num_stages,
+        **pdl,
     )
     tau, dropped, ncand, bad = step_outputs if step_outputs is not None else (out,) * 4
     # the largest finite value at most: the check is |q| <= max_query_abs, which Inf must fail
@@ -372,6 +377,6 @@ def dense_attention(
         float(scale), e, cap, num_splits, n_slots, float(max_query_abs), q.stride(0),
         G=g, G_P=next_pow2(g), D=d, DV=dv, BLOCK_N=block_n, MIN_BLOCKS=min_blocks,
         END_ON_DEVICE=e_t is not None, CHUNK=max(1, 4096 // dv),
-        STEP=step_outputs is not None, num_warps=4,
+        STEP=step_outputs is not None, PDL=bool(pdl), num_warps=4, **pdl,
     )
     return out, lse, num_attended

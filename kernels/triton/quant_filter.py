@@ -120,7 +120,7 @@ import triton
 import triton.language as tl
 
 from louver_kernels import reference as ref
-from louver_kernels.triton._device import load_scalar
+from louver_kernels.triton._device import await_prior, load_scalar
 from louver_kernels.triton._launch import (
     FLOAT_DTYPES,
     CounterPool,
@@ -130,6 +130,7 @@ from louver_kernels.triton._launch import (
     interpreted,
     next_pow2,
     num_sms,
+    pdl_launch,
 )
 
 __all__ = ["quant_filter", "quant_filter_reference"]
@@ -288,8 +289,9 @@ def _quant_filter_kernel(
     G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NG: tl.constexpr, GRP: tl.constexpr,
     CB: tl.constexpr, FB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
-    PACKED: tl.constexpr,
+    PACKED: tl.constexpr, PDL: tl.constexpr,
 ):
+    await_prior(PDL)
     split = tl.program_id(0)
     kh = tl.program_id(1)
     NBC: tl.constexpr = D * CB // 8        # bytes of the coarse field
@@ -660,6 +662,7 @@ def quant_filter(
                                     triton.cdiv(blocks_max, 8)), triton.cdiv(blocks_max, 2)))
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, 2 * hkv)
+    pdl = pdl_launch(device)
 
     _quant_filter_kernel[(num_splits, hkv)](
         q, codes, err, lo, step, slack, tau, n_tensor if n_tensor is not None else tau,
@@ -671,7 +674,8 @@ def quant_filter(
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=min(next_pow2(num_splits), 512),
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,
-        num_warps=num_warps, num_stages=1, **({"maxnreg": maxnreg} if maxnreg else {}),
+        PDL=bool(pdl), num_warps=num_warps, num_stages=1,
+        **({"maxnreg": maxnreg} if maxnreg else {}), **pdl,
     )
     return cand_pos, cand_count, pruned_lse
 

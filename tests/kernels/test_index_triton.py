@@ -272,6 +272,35 @@ def test_captured_step_made_after_an_eager_step_with_a_long_flush() -> None:
             check_step(t_idx, q, s, want, got, Relative(1e-3), f"append {extra}")
 
 
+def test_programmatic_dependent_launch_where_the_gpu_has_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step's kernels launch with PDL on a GPU of compute capability >= 9.0 (so this
+    file's GPU runs exercise it), never under the interpreter; with it turned off (what the
+    benchmark compares against) a captured step gives the same answers as with it."""
+    from louver_kernels.triton import _launch
+
+    pdl = CUDA and torch.cuda.get_device_capability() >= (9, 0)
+    assert _launch.pdl_launch(DEVICE) == ({"launch_pdl": True} if pdl else {})
+    assert _launch.pdl_launch(torch.device("cpu")) == {}
+    gen, seed = gen_seed()
+    hkv, g, d, dtype = 2, 4, 64, torch.bfloat16
+    n = 20000 if CUDA else 300
+    t_idx, g_idx = build_pair("clustered", hkv, n, d, dtype, gen, buffer_size=64,
+                              probe_recent=32)
+    steps = {True: decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)}
+    monkeypatch.setattr(_launch, "USE_PDL", False)
+    assert _launch.pdl_launch(DEVICE) == {}
+    steps[False] = decode.CapturedStep(g_idx, Relative(1e-3), hkv * g, graph=CUDA)
+    for t in range(12 if CUDA else 2):
+        append_same((t_idx, g_idx), "clustered", 1, gen)
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype)
+        s = ref.scores(q, t_idx.keys_range(0, t_idx.num_keys)[0])
+        want = t_idx.attend(q, Relative(1e-3))
+        for flag, step in steps.items():
+            check_step(t_idx, q, s, want, step(q.to(DEVICE)), Relative(1e-3),
+                       f"seed {seed} token {t} pdl {flag and pdl}")
+
+
 @pytest.mark.skipif(not CUDA, reason="side streams and CUDA graphs")
 def test_side_stream_flushes_between_layers() -> None:
     """Two layers decoded token by token: each layer's flush runs on the side stream while the
