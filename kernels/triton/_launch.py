@@ -6,17 +6,18 @@ Host code only; the device-side helpers shared by the kernels are in _device.py.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import triton
 
 __all__ = ["FLOAT_DTYPES", "CounterPool", "attention_outputs", "capture_graph",
            "check_attention_inputs", "check_bound", "check_code_layout", "check_device_scalar",
-           "check_int", "check_out", "interpreted", "next_pow2", "num_sms", "pdl_launch",
-           "side_stream"]
+           "check_int", "check_out", "graph_counters", "interpreted", "next_pow2", "num_sms",
+           "pdl_launch", "side_stream"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -28,6 +29,7 @@ USE_PDL = True
 _CAPTURE_LOCK = threading.RLock()   # a nested capture fails in CUDA, never deadlocks
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 _SIDE_LOCK = threading.Lock()
+_GRAPH_SCOPE = threading.local()   # .counters: the counters of the graph being captured
 
 
 def interpreted(kernel: object) -> bool:
@@ -57,12 +59,16 @@ def _current_stream(dev_id: int) -> int:
 
 
 class CounterPool:
-    """Per-(device, stream) int32 counter buffers that are zero between launches.
+    """Per-(device, stream) int32 counter buffers that are zero between launches, and a set of
+    its own for every CUDA graph (capture_graph).
 
     A kernel that uses them (arrival tickets, slot counters) must leave every counter it touches
     at zero when it ends; a buffer is zero at creation. Launches on one stream are ordered, so
-    they never share a counter concurrently; launches on different streams use different
-    buffers. Each launcher module owns its own pool.
+    they never share a counter concurrently; eager launches on different streams use different
+    buffers. A graph's launches use buffers made for that graph (kept alive by it): graphs
+    replayed at once on different streams never share a counter, whichever stream they were
+    captured on (torch hands out its pooled streams again and again). Each launcher module
+    owns its own pool.
 
     A buffer that is outgrown is replaced by a larger one but kept alive: a CUDA graph recorded
     with it still points at it (a graph does not own the tensors it reads).
@@ -73,30 +79,61 @@ class CounterPool:
         self._retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, n: int) -> torch.Tensor:
-        """int32 [>= max(n, 64)] counters on ``device`` for its current stream."""
+        """int32 [>= max(n, 64)] counters on ``device``: the graph's being captured on this
+        thread (made in capture_graph's warm-up calls), else its current stream's."""
         dev_id = _device_index(device)
+        scope: dict[tuple[int, int], list[torch.Tensor]] | None = getattr(
+            _GRAPH_SCOPE, "counters", None)
+        if scope is not None:
+            held = scope.setdefault((id(self), dev_id), [])
+            if not held or held[-1].numel() < n:
+                if dev_id >= 0 and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError("a graph's counters are made in its warm-up calls, "
+                                       "not while it is captured")
+                held.append(self._new(device, n, held[-1] if held else None))
+            return held[-1]
         key = (dev_id, _current_stream(dev_id))
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
             if buf is not None:
                 self._retired.append(buf)
-            size = max(n, 64, 2 * buf.numel() if buf is not None else 0)
-            buf = torch.zeros(size, dtype=torch.int32, device=device)
+            buf = self._new(device, n, buf)
             self._bufs[key] = buf
         return buf
+
+    @staticmethod
+    def _new(device: torch.device, n: int, old: torch.Tensor | None) -> torch.Tensor:
+        size = max(n, 64, 2 * old.numel() if old is not None else 0)
+        return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def capture_graph(device: torch.device, body: Callable[[], None], warmups: int
                   ) -> torch.cuda.CUDAGraph:
     """body() recorded in a CUDA graph on a side stream of ``device``, after ``warmups`` eager
-    calls on that stream (they compile the kernels and create the launchers' per-stream state,
-    e.g. CounterPool buffers, which must outlive the graph). The capture is thread_local: CUDA
-    work that other threads issue meanwhile (a server serves other sessions from several
-    threads) does not invalidate it. Captures are serialized by a lock: entering
-    torch.cuda.graph synchronizes the device and empties the allocator's cache, which must
-    not happen while another thread captures."""
-    with _CAPTURE_LOCK:   # one capture at a time in this process (see the docstring)
-        return _capture(device, body, warmups)
+    calls on that stream (they compile the kernels and create the graph's own CounterPool
+    buffers, which the returned graph keeps alive: a body whose launchers take counters needs
+    warmups >= 1). The capture is thread_local: CUDA work that other threads issue meanwhile
+    (a server serves other sessions from several threads) does not invalidate it. Captures are
+    serialized by a lock: entering torch.cuda.graph synchronizes the device and empties the
+    allocator's cache, which must not happen while another thread captures."""
+    # one capture at a time in this process (see the docstring)
+    with _CAPTURE_LOCK, graph_counters() as counters:
+        graph = _capture(device, body, warmups)
+    graph.louver_counters = counters   # type: ignore[attr-defined]  # alive with the graph
+    return graph
+
+
+@contextlib.contextmanager
+def graph_counters() -> Iterator[dict[tuple[int, int], list[torch.Tensor]]]:
+    """Within it, CounterPool.get on this thread hands out buffers of a new set, yielded (per
+    pool and device, every buffer made, the current one last): the counters of the graph that
+    capture_graph records."""
+    counters: dict[tuple[int, int], list[torch.Tensor]] = {}
+    _GRAPH_SCOPE.counters = counters
+    try:
+        yield counters
+    finally:
+        _GRAPH_SCOPE.counters = None
 
 
 def _capture(device: torch.device, body: Callable[[], None], warmups: int

@@ -301,6 +301,43 @@ def test_programmatic_dependent_launch_where_the_gpu_has_it(
                        f"seed {seed} token {t} pdl {flag and pdl}")
 
 
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs on two streams")
+def test_captured_steps_replayed_at_once_on_two_streams() -> None:
+    """Two layers' captured steps replayed at the same time on two streams (what serving
+    several sessions on several streams does): each graph holds counters of its own (arrival
+    tickets, slot counters), so every replay gives the eager step's answer."""
+    gen, seed = gen_seed()
+    hkv, g, d, dtype, rounds = 8, 4, 128, torch.float16, 12
+    indexes = [build_pair("clustered", hkv, n, d, dtype, gen, buffer_size=64)[1]
+               for n in (30000, 20000)]
+    steps = [decode.CapturedStep(ix, Relative(1e-3), hkv * g) for ix in indexes]
+    ptrs = [{t.data_ptr() for held in step.graph.louver_counters.values() for t in held}
+            for step in steps]
+    assert ptrs[0] and ptrs[1] and not ptrs[0] & ptrs[1]
+    qs = [[(torch.randn(hkv * g, d, generator=gen) * 2).to(dtype).to(DEVICE)
+           for _ in range(rounds)] for _ in steps]
+    want = [[ix.attend(q, Relative(1e-3)) for q in layer_qs]
+            for ix, layer_qs in zip(indexes, qs, strict=True)]
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    got: list[list[tuple[torch.Tensor, ...]]] = [[], []]
+    torch.cuda.synchronize()
+    for r in range(rounds):
+        for i, (step, stream) in enumerate(zip(steps, streams, strict=True)):
+            with torch.cuda.stream(stream):
+                res = step(qs[i][r])
+                got[i].append((res.output.clone(), res.lse.clone(), res.num_attended.clone(),
+                               res.num_candidates.clone()))
+    torch.cuda.synchronize()
+    for i in range(2):
+        for r in range(rounds):
+            out, lse, natt, ncand = got[i][r]
+            msg = f"seed {seed} layer {i} round {r}"
+            assert torch.equal(natt, want[i][r].num_attended), msg
+            assert torch.equal(ncand, want[i][r].num_candidates), msg
+            torch.testing.assert_close(out, want[i][r].output, msg=msg)
+            torch.testing.assert_close(lse, want[i][r].lse, msg=msg)
+
+
 @pytest.mark.skipif(not CUDA, reason="side streams and CUDA graphs")
 def test_side_stream_flushes_between_layers() -> None:
     """Two layers decoded token by token: each layer's flush runs on the side stream while the

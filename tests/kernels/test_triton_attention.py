@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from louver_kernels import reference as ref
-from louver_kernels.triton._launch import FLOAT_DTYPES, CounterPool
+from louver_kernels.triton._launch import FLOAT_DTYPES, CounterPool, graph_counters
 from louver_kernels.triton.attention import sparse_attention
 from tests.kernels.attention_checks import (
     CUDA,
@@ -504,6 +504,26 @@ def test_counter_pool_keeps_outgrown_buffers() -> None:
     assert big.numel() >= 1000 and int(big.abs().sum().item()) == 0
     assert alive() is not None
     assert pool.get(DEVICE, 5) is big
+
+
+def test_counter_pool_gives_each_graph_its_own_counters() -> None:
+    """Inside graph_counters (capture_graph's scope) a pool hands out buffers of that graph
+    alone, grown like the others and all kept; outside, the stream's buffer as before. So
+    graphs replayed at once on different streams never share a counter."""
+    pool = CounterPool()
+    eager = pool.get(DEVICE, 10)
+    with graph_counters() as first:
+        mine = pool.get(DEVICE, 10)
+        assert mine is not eager and pool.get(DEVICE, 5) is mine
+        bigger = pool.get(DEVICE, 1000)
+        assert bigger.numel() >= 1000 and int(bigger.abs().sum().item()) == 0
+    [held] = first.values()
+    assert held[0] is mine and held[-1] is bigger
+    with graph_counters() as second:
+        other = pool.get(DEVICE, 10)
+    assert other is not mine and other is not bigger and other is not eager
+    assert [t is other for t in next(iter(second.values()))] == [True]
+    assert pool.get(DEVICE, 10) is eager
 
 
 # ----------------------------------------------------------------------------------------------
