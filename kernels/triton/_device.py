@@ -11,11 +11,12 @@ __all__ = ["await_prior", "load_scalar", "query_error"]
 
 @triton.jit
 def await_prior(PDL: tl.constexpr):
-    """The first statement of a kernel launched with _launch.pdl_launch's options (PDL: that
-    the launch enabled it): let the kernel after it on the stream launch once every program
-    of this one got here (its programs wait likewise), then wait until the kernel before it
-    has completed and its writes are visible. Nothing before this may touch global memory.
-    No-op when PDL is False."""
+    """The first statement of a kernel that takes part in programmatic dependent launch (PDL:
+    _launch.pdl_launch's flag): let the kernel after it on the stream launch once every
+    program of this one got here (if that one was launched with _launch.pdl_launch's options;
+    its programs wait likewise), then, if this one was launched with them, wait until the
+    kernel before it has completed and its writes are visible (a no-op otherwise). Nothing
+    before this may touch global memory. No-op when PDL is False."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()

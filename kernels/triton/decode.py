@@ -23,9 +23,10 @@ on tensor cores, and its merge, which also writes tau = -inf, dropped_mass_bound
 num_candidates = the number of keys and the check of q).
 
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
-On a GPU that has it (compute capability >= 9.0), every launch uses programmatic dependent
-launch (``_launch.pdl_launch``): a kernel starts while the one before it finishes and waits on
-the device for its results (on an H200 this took 0.3-2.2 us off most graph-replayed steps).
+On a GPU that has it (compute capability >= 9.0), the launches after a step's first one use
+programmatic dependent launch (``_launch.pdl_launch``): a kernel starts while the one before it
+finishes and waits on the device for its results (on an H200 this took 0.3-2.2 us off most
+graph-replayed steps).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
 counters) in a CUDA graph; a replay is the graph launch, plus a copy of q into the graph's
 input unless the caller wrote it there.
@@ -258,7 +259,9 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
     chunks = _chunks(index, mode)
     ws = (torch.empty(hkv * chunks * g_p, dtype=torch.float32, device=q.device) if chunks > 1
           else dummy)
-    pdl = pdl_launch(q.device)
+    # the step's first kernel: launched as usual (after whatever came before), it only lets
+    # the filter launch early (see _launch.pdl_launch)
+    pdl = bool(pdl_launch(q.device))
     _prologue_kernel[(hkv, chunks + 1)](
         q, keys, index._kmax, index._rmax, index._lmax, slack_const,
         tau_in if tau_in is not None else dummy,
@@ -268,8 +271,8 @@ def _prologue(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         float(_max_query_abs()),
         q.stride(0), keys.stride(0), keys.stride(1),
         G=g, G_P=g_p, D=d, SINKS=cfg.sink_tokens, RECENT=cfg.probe_recent,
-        BLOCK=_PROBE_BLOCK, MODE=mode, ON_DEVICE=counts is not None, PDL=bool(pdl),
-        num_warps=4, num_stages=1, **pdl,
+        BLOCK=_PROBE_BLOCK, MODE=mode, ON_DEVICE=counts is not None, PDL=pdl,
+        num_warps=4, num_stages=1,
     )
 
 

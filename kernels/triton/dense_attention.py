@@ -355,7 +355,7 @@ def dense_attention(
         raise ValueError(f"num_splits={num_splits} is too large for Hq={hq}, Dv={dv}")
     workspace = torch.empty(n_slots * (dv + 2), dtype=torch.float32, device=device)
     end_arg = e_t if e_t is not None else q
-    pdl = pdl_launch(device)
+    pdl = pdl_launch(device)   # the merge's; the split pass launches as usual (_launch.pdl_launch)
     _dense_attention_kernel[(hkv, num_splits)](
         q, keys, values, end_arg, workspace,
         float(scale), e, cap,
@@ -364,7 +364,6 @@ def dense_attention(
         END_ON_DEVICE=e_t is not None, Q_SPLIT=sixteen and q.dtype != keys.dtype,
         P_SPLIT=p_split, PREC="ieee" if not sixteen else "tf32", NUM_STAGES=num_stages,
         PIPELINE=not _INTERPRETED, PDL=bool(pdl), num_warps=num_warps, num_stages=num_stages,
-        **pdl,
     )
     tau, dropped, ncand, bad = step_outputs if step_outputs is not None else (out,) * 4
     # the largest finite value at most: the check is |q| <= max_query_abs, which Inf must fail
