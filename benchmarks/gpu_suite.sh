@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU session in one command: the kernel test suite on CUDA, then the decode-step benchmark.
+# The GPU session in one command: the kernel test suite on CUDA, then the decode-step benchmarks
+# (bench_gpu, bench_back_to_back).
 #
 #   OUT=results-dir CAPTURE=real_l20_64k.pt bash benchmarks/gpu_suite.sh [tests|bench|all]
 #
@@ -28,6 +29,9 @@ fi
 if [[ $what == bench || $what == all ]]; then
     python3 -m benchmarks.bench_gpu --capture "$CAPTURE" --out "$OUT/bench_gpu.json" \
         ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_gpu.log"
+    rc=$(( rc | PIPESTATUS[0] ))
+    python3 -m benchmarks.bench_back_to_back --capture "$CAPTURE" \
+        --out "$OUT/bench_back_to_back.json" 2>&1 | tee "$OUT/bench_back_to_back.log"
     rc=$(( rc | PIPESTATUS[0] ))
 fi
 exit $rc
