@@ -25,8 +25,8 @@ num_candidates = the number of keys and the check of q).
 A Fixed policy adds one host-to-device copy of its taus per eager step (none when captured).
 On a GPU that has it (compute capability >= 9.0), the launches after a step's first one use
 programmatic dependent launch (``_launch.pdl_launch``): a kernel starts while the one before it
-finishes and waits on the device for its results (on an H200 this took 0.3-2.2 us off most
-graph-replayed steps).
+finishes and waits on the device for its results (on an H200 this took 0.3-2.5 us off 7 of 8
+graph-replayed steps of bench_gpu).
 ``CapturedStep`` records the same three launches (reading num_indexed / num_keys from device
 counters) in a CUDA graph; a replay is the graph launch, plus a copy of q into the graph's
 input unless the caller wrote it there.
