@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_common import copy_bandwidth
+from benchmarks.gpu_common import copy_bandwidth, record_graph
 
 CONFIGS = ((9, 3, 64), (32, 8, 128))
 SIZES = (4096, 32768, 131072)
@@ -56,16 +56,7 @@ def _median_ms(fn: Callable[[], Any]) -> float:
 
 def _graph_ms(fn: Callable[[], Any], calls: int) -> float:
     """Median time of one call when ``calls`` calls (rotating inputs) replay as one graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(calls):  # warm-up outside capture: compiles and caches workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = record_graph(fn, calls, warmups=calls)
     graph.replay()
     torch.cuda.synchronize()
     return _median_ms(graph.replay) / calls

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gpu import SHAPES
+from benchmarks.gpu_common import record_graph
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton import _launch
 from louver_kernels.triton.dense_attention import dense_attention
@@ -43,16 +44,7 @@ CALLS = 20
 
 def graph_us(fn: Callable[[], object], calls: int = CALLS) -> float:
     """Median time per call of ``calls`` calls of fn recorded in one CUDA graph."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):   # compiles, allocates, creates per-stream state
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
+    graph = record_graph(fn, calls, warmups=3)
     graph.replay()
     times = []
     for _ in range(15):

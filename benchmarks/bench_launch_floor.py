@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from benchmarks.gpu_common import record_graph
+
 
 @triton.jit
 def _empty(x_ptr):
@@ -54,19 +56,6 @@ def _grid_barrier(bar_ptr, x_ptr, ROUNDS: tl.constexpr):
         tl.debug_barrier()
     if tl.program_id(0) == 0:
         tl.store(x_ptr, 1.0)
-
-
-def _graph_of(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def _replay_us(graph: torch.cuda.CUDAGraph) -> float:
@@ -98,13 +87,13 @@ def main() -> int:
         return fn
 
     for k in (1, 2, 3, 4):
-        us[f"empty_x{k}"] = _replay_us(_graph_of(empties(k)))
+        us[f"empty_x{k}"] = _replay_us(record_graph(empties(k)))
     qa = torch.randn(32, 128, device=dev, dtype=torch.float16)
     qb = torch.empty_like(qa)
-    us["q_copy"] = _replay_us(_graph_of(lambda: qb.copy_(qa)))
+    us["q_copy"] = _replay_us(record_graph(lambda: qb.copy_(qa)))
     for p in (sms, 2 * sms, 4 * sms):          # 4 warps each: all resident at once
         for rounds in (1, 2):
-            us[f"barrier_p{p}_r{rounds}"] = _replay_us(_graph_of(barrier(p, rounds)))
+            us[f"barrier_p{p}_r{rounds}"] = _replay_us(record_graph(barrier(p, rounds)))
     for name, value in us.items():
         print(f"{name:24s} {value:7.2f} us")
     hw = {"device": props.name, "sms": sms, "torch": torch.__version__,

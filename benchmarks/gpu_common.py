@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+
+def record_graph(fn: Callable[[], object], calls: int = 1, warmups: int = 2
+                 ) -> torch.cuda.CUDAGraph:
+    """fn() called ``warmups`` times on a side stream (they compile kernels, allocate, create
+    per-stream state), then ``calls`` times recorded in one CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
 
 
 def copy_bandwidth(device: torch.device) -> float:
