@@ -48,6 +48,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_KEY_ABS = 2.0 ** 64
 MAX_QUERY_ABS = 2.0 ** 48
 _MIN_CAPACITY = 256
+_ALIGN = 256   # bytes: the alignment of every storage tensor in its allocation
 
 
 @dataclass
@@ -119,8 +120,17 @@ class LouverIndex:
     Build with :meth:`build`; the constructor is internal.
     """
 
+    # the storage (see _allocate): views of one allocation, replaced when the capacity grows
+    _keys: torch.Tensor
+    _values: torch.Tensor
+    _ids: torch.Tensor       # BALLS
+    _codes: torch.Tensor     # QUANT
+    _err: torch.Tensor
+    _lo: torch.Tensor
+    _step: torch.Tensor
+
     def __init__(self, num_kv_heads: int, head_dim: int, value_dim: int, dtype: torch.dtype,
-                 device: torch.device, config: IndexConfig) -> None:
+                 device: torch.device, config: IndexConfig, capacity: int = 0) -> None:
         config.validate_dims(head_dim)
         self.config = config
         self.num_kv_heads = num_kv_heads
@@ -132,12 +142,14 @@ class LouverIndex:
         self.num_keys = 0
         self.num_indexed = 0
         self.num_flushes = 0
-        self._cap = 0
-        self._keys = torch.empty(num_kv_heads, 0, head_dim, dtype=dtype, device=self.device)
-        self._values = torch.empty(num_kv_heads, 0, value_dim, dtype=dtype, device=self.device)
-        # per-head bounds used by the slack (running maxima over indexed keys)
-        self._kmax = torch.zeros(num_kv_heads, device=self.device)
-        self._rmax = torch.zeros(num_kv_heads, device=self.device)  # radius / residual norm
+        # storage for ``capacity`` keys (a build's prefill: allocated once)
+        self._cap = self._capacity_for(capacity, config)
+        for name, t in self._allocate(self._cap).items():
+            setattr(self, name, t)
+        # per-head bounds used by the slack (running maxima over indexed keys): kmax, the
+        # radius / residual norm, and QUANT's range norm (one allocation)
+        self._kmax, self._rmax, self._lmax = torch.zeros(3, num_kv_heads,
+                                                         device=self.device).unbind(0)
         # Triton step: lazily created device counters (num_indexed, num_keys) for captured
         # steps, and the eager step's scratch
         self._counters: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -148,24 +160,12 @@ class LouverIndex:
         self._flush: CapturedFlush | None = None
         self._flush_due = False
         self._unpublished: int | None = None   # see _after_step
-        h = num_kv_heads
         if config.kind is IndexKind.BALLS:
             s = config.num_subspaces
-            self._ids = torch.empty(h, 0, s, dtype=torch.int32, device=self.device)
+            h = num_kv_heads
             self._centers = torch.empty(h, s, 0, head_dim // s, device=self.device)
             self._radii = torch.empty(h, s, 0, device=self.device)
             self._num_clusters = 0
-        else:
-            groups = head_dim // config.quant_group
-            # packed code records for the Triton kernels (reference.pack_codes), one byte per
-            # code for the torch backend
-            shape = ((h, 0, head_dim * config.quant_bits // 8) if self.uses_triton
-                     else (h, 0, head_dim))
-            self._codes = torch.empty(shape, dtype=torch.uint8, device=self.device)
-            self._err = torch.empty(h, 0, groups, dtype=torch.float16, device=self.device)
-            self._lo = torch.empty(h, 0, head_dim, device=self.device)
-            self._step = torch.empty(h, 0, head_dim, device=self.device)
-            self._lmax = torch.zeros(num_kv_heads, device=self.device)
 
     @property
     def uses_triton(self) -> bool:
@@ -184,6 +184,10 @@ class LouverIndex:
                 device of the index are those of ``keys``.
             values: [Hkv, N, Dv] (cast to the keys' dtype).
             config: index parameters (defaults: IndexConfig()).
+
+        Raises:
+            ValueError: on a bad shape or dtype, or keys / values that are not finite or keys
+                above MAX_KEY_ABS (after conversion to the storage dtype).
         """
         _check_float("keys", keys)
         _check_float("values", values)
@@ -193,9 +197,15 @@ class LouverIndex:
         hkv, _, d = keys.shape
         if hkv < 1 or d < 1 or values.shape[2] < 1:
             raise ValueError("keys/values need at least one head and one dimension")
-        index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig())
-        index._store(*index._validate_kv(keys, values))
+        index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig(),
+                    capacity=keys.shape[1])
+        k, v = index._convert_kv(keys, values)
+        # the value check is read after the build's work is queued (one synchronization, at
+        # the end): a failed build discards the index, so it needs no check beforehand
+        extremes = index._extremes(k, v)
+        index._store(k, v)
         index._index_pending()
+        index._raise_if_invalid(extremes)
         return index
 
     @staticmethod
@@ -230,35 +240,61 @@ class LouverIndex:
             cap = -(-cap // config.buffer_size) * config.buffer_size
         return cap
 
+    def _layout(self, cap: int) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(attribute, dtype, shape) of every storage tensor for ``cap`` keys."""
+        h, d, cfg = self.num_kv_heads, self.head_dim, self.config
+        layout = [("_keys", self.dtype, (h, cap, d)), ("_values", self.dtype,
+                                                       (h, cap, self.value_dim))]
+        if cfg.kind is IndexKind.BALLS:
+            return [*layout, ("_ids", torch.int32, (h, cap, cfg.num_subspaces))]
+        # packed code records for the Triton kernels (reference.pack_codes), one byte per code
+        # for the torch backend; lo and step per segment of buffer_size keys
+        record = d * cfg.quant_bits // 8 if self.uses_triton else d
+        segments = -(-cap // cfg.buffer_size)
+        return [*layout, ("_codes", torch.uint8, (h, cap, record)),
+                ("_err", torch.float16, (h, cap, d // cfg.quant_group)),
+                ("_lo", torch.float32, (h, segments, d)),
+                ("_step", torch.float32, (h, segments, d))]
+
+    def _allocate(self, cap: int) -> dict[str, torch.Tensor]:
+        """Zero-filled storage for ``cap`` keys, as views of ONE allocation (one allocation and
+        one fill launch per growth instead of one each per tensor: a short prefill's build is
+        host-bound). Zero-filled: no kernel reads a row before it is written (positions are
+        masked by num_keys / num_indexed), and a row that is never written reads as zeros,
+        not as memory another session freed."""
+        layout = self._layout(cap)
+        sizes = [math.prod(shape) * dtype.itemsize for _, dtype, shape in layout]
+        starts = [0]
+        for size in sizes:   # every part 256-byte aligned (the kernels' vector loads)
+            starts.append(starts[-1] + -(-size // _ALIGN) * _ALIGN)
+        arena = torch.zeros(starts[-1], dtype=torch.uint8, device=self.device)
+        return {name: arena[start: start + size].view(dtype).view(shape)
+                for (name, dtype, shape), start, size in zip(layout, starts[:-1], sizes,
+                                                              strict=True)}
+
     def _grow(self, needed: int) -> None:
         """Ensure capacity >= needed, keeping every stored key and record."""
         if needed <= self._cap:
             return
         cap = self._capacity_for(needed, self.config)
         self._flush = None
-
-        def grown(t: torch.Tensor, rows: int = cap) -> torch.Tensor:
-            # zero-filled beyond the old rows (one launch each: a build's empty storage has
-            # nothing to copy)
-            out = t.new_zeros(t.shape[0], rows, *t.shape[2:])
-            if t.shape[1]:
-                out[:, : t.shape[1]] = t
-            return out
-
-        self._keys = grown(self._keys)
-        self._values = grown(self._values)
-        if self.config.kind is IndexKind.BALLS:
-            self._ids = grown(self._ids)
-        else:
-            self._codes = grown(self._codes)
-            self._err = grown(self._err)
-            segments = -(-cap // self.config.buffer_size)
-            self._lo = grown(self._lo, segments)
-            self._step = grown(self._step, segments)
+        for name, t in self._allocate(cap).items():
+            old = getattr(self, name)
+            t[:, : old.shape[1]] = old
+            setattr(self, name, t)
         self._cap = cap
 
     def _validate_kv(self, keys: torch.Tensor, values: torch.Tensor, check_values: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values checked (shapes, dtypes; with ``check_values`` also finite and within
+        MAX_KEY_ABS: one synchronization) and converted to the storage dtype and device."""
+        k, v = self._convert_kv(keys, values)
+        if check_values:
+            self._raise_if_invalid(self._extremes(k, v))
+        return k, v
+
+    def _convert_kv(self, keys: torch.Tensor, values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         _check_float("keys", keys)
         _check_float("values", values)
         want_k = (self.num_kv_heads, self.head_dim)
@@ -269,24 +305,34 @@ class LouverIndex:
                 self.num_kv_heads, self.value_dim) or values.shape[1] != keys.shape[1]:
             raise ValueError(f"values must be [Hkv={self.num_kv_heads}, T={keys.shape[1]}, "
                              f"Dv={self.value_dim}], got {tuple(values.shape)}")
-        k = keys.to(device=self.device, dtype=self.dtype)
-        v = values.to(device=self.device, dtype=self.dtype)
-        if check_values and k.numel():   # T > 0 (v is then not empty): one synchronization
-            # max |x| of each tensor: one reduction pass, no temporary; NaN propagates (torch's
-            # max reductions do) and Inf is its own maximum, so both read as non-finite
-            # (exact in the storage dtype, which k and v share)
-            k_abs, v_abs = torch.stack([torch.linalg.vector_norm(k, ord=math.inf),
-                                        torch.linalg.vector_norm(v, ord=math.inf)]).tolist()
-            if not math.isfinite(k_abs):
-                raise ValueError("keys contain NaN or Inf (after conversion to the storage "
-                                 "dtype)")
-            if not math.isfinite(v_abs):
-                raise ValueError("values contain NaN or Inf (after conversion to the storage "
-                                 "dtype)")
-            if k_abs > MAX_KEY_ABS:
-                raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; "
-                                 "float32 scores would overflow")
-        return k, v
+        return (keys.to(device=self.device, dtype=self.dtype),
+                values.to(device=self.device, dtype=self.dtype))
+
+    @staticmethod
+    def _extremes(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """max |x| of converted keys and values as a float [2] on their device (queued, no
+        synchronization; None when there are no keys): one reduction pass per tensor, no
+        temporary. NaN propagates (torch's max reductions do) and Inf is its own maximum, so
+        both read as non-finite (exact in the storage dtype, which k and v share)."""
+        if not k.numel():   # T = 0 (v is then empty too)
+            return None
+        return torch.stack([torch.linalg.vector_norm(k, ord=math.inf),
+                            torch.linalg.vector_norm(v, ord=math.inf)])
+
+    @staticmethod
+    def _raise_if_invalid(extremes: torch.Tensor | None) -> None:
+        """Raise ValueError unless ``_extremes`` says the keys and values are finite and the
+        keys within MAX_KEY_ABS (reads it: one synchronization on a GPU)."""
+        if extremes is None:
+            return
+        k_abs, v_abs = extremes.tolist()
+        if not math.isfinite(k_abs):
+            raise ValueError("keys contain NaN or Inf (after conversion to the storage dtype)")
+        if not math.isfinite(v_abs):
+            raise ValueError("values contain NaN or Inf (after conversion to the storage dtype)")
+        if k_abs > MAX_KEY_ABS:
+            raise ValueError(f"keys have entries above {MAX_KEY_ABS:g} in magnitude; float32 "
+                             "scores would overflow")
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write validated keys and values (``_validate_kv``) at [num_keys, num_keys + T)."""
@@ -441,7 +487,7 @@ class LouverIndex:
                 self._keys, self._codes, self._err, self._lo, self._step, self._kmax,
                 self._lmax, self._rmax, start=first, end=end, segment_size=seg,
                 bits=cfg.quant_bits, coarse=cfg.quant_coarse_bits, group=cfg.quant_group,
-                norm_start=start)
+                norm_start=start, validate=False)   # the index's own storage
             return
         whole_end = first + (end - first) // seg * seg
         if whole_end > first:

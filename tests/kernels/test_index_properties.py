@@ -266,6 +266,21 @@ def test_bad_input_raises_value_error(bad) -> None:
     assert index.num_keys == 10  # nothing half-applied
 
 
+@pytest.mark.parametrize("config", [IndexConfig(kind=IndexKind.BALLS),
+                                    IndexConfig(kind=IndexKind.QUANT, backend="torch"),
+                                    IndexConfig(kind=IndexKind.QUANT, backend="triton")])
+@pytest.mark.parametrize(("where", "value"), [("keys", math.nan), ("values", math.inf),
+                                              ("keys", -2.0 ** 70)])
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter encodes them first
+def test_build_rejects_bad_values(config: IndexConfig, where: str, value: float) -> None:
+    """Non-finite keys or values, or keys above MAX_KEY_ABS, fail a build with ValueError
+    whatever the kind and backend (the check is read after the build's work is queued)."""
+    keys, values = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
+    (keys if where == "keys" else values)[1, 33, 5] = value
+    with pytest.raises(ValueError, match=where):
+        LouverIndex.build(keys, values, config)
+
+
 def test_append_without_value_checks_stores_the_same() -> None:
     """append(validate=False) (the service, which checks K/V while decoding the request) stores
     and answers exactly like a checked append."""

@@ -79,6 +79,52 @@ def test_triton_step_matches_torch_backend(kind: str, dtype: torch.dtype, group:
         check_step(t_idx, q, s, want, got, policy, f"seed {seed} policy {policy}")
 
 
+def poison_unwritten(index: LouverIndex) -> None:
+    """Fill every storage row that holds nothing yet with NaN (floats) or 0xFF (codes): keys
+    and values beyond num_keys, records beyond num_indexed, ranges beyond its segments."""
+    index._await_flush()   # a flush run after the last step counts as indexed from here on
+    n, total = index.num_indexed, index.num_keys
+    nseg = -(-n // index.config.buffer_size)
+    for t, start in ((index._keys, total), (index._values, total), (index._codes, n),
+                     (index._err, n), (index._lo, nseg), (index._step, nseg)):
+        t[:, start:] = 255 if t.dtype == torch.uint8 else math.nan
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_unwritten_storage_is_never_read(backend: str) -> None:
+    """Storage rows that were never written (the capacity beyond the keys, the buffer's
+    records, the segments not reached) do not change any answer: with NaN and 0xFF there the
+    step gives the answers of a twin index whose storage was never poisoned, and later appends
+    and flushes overwrite them."""
+    gen, seed = gen_seed()
+    hkv, g, d, dtype = 2, 3, 64, torch.float16
+    device = DEVICE if backend == "triton" else torch.device("cpu")
+    keys, values = make_kv("clustered", hkv, 150, d, dtype, gen)
+    cfg = IndexConfig(kind=IndexKind.QUANT, backend=backend, buffer_size=32, quant_bits=6,
+                      quant_coarse_bits=4, probe_recent=16)
+    poisoned, clean = (LouverIndex.build(keys.to(device), values.to(device), cfg)
+                       for _ in range(2))
+    for extra in (20, 0, 40):   # leaves keys in the buffer; then a flush and a partial segment
+        if extra:
+            k, v = make_kv("clustered", hkv, extra, d, dtype, gen)
+            for index in (poisoned, clean):
+                index.append(k.to(device), v.to(device))
+        q = (torch.randn(hkv * g, d, generator=gen) * 2).to(dtype).to(device)
+        for policy in (Relative(1e-3), Dense()):
+            for index in (poisoned, clean):
+                index.attend(q, Dense())   # a due flush first, in both
+            want = clean.attend(q, policy)
+            poison_unwritten(poisoned)
+            got = poisoned.attend(q, policy)
+            msg = f"seed {seed} extra {extra} policy {policy}"
+            for name in ("tau", "num_attended", "num_candidates"):
+                assert torch.equal(getattr(got, name), getattr(want, name)), f"{msg}: {name}"
+            # float sums: on a GPU in the (varying) order of the candidate list
+            for name in ("output", "lse", "dropped_mass_bound"):
+                torch.testing.assert_close(getattr(got, name), getattr(want, name),
+                                           msg=f"{msg}: {name}")
+
+
 def check_step(t_idx: LouverIndex, q: torch.Tensor, s: torch.Tensor, want: AttendOutput,
                got: AttendOutput, policy: object, msg: str) -> None:
     """The Triton step's output ``got`` against the torch backend's ``want`` for query q
@@ -308,7 +354,9 @@ def test_captured_steps_replayed_at_once_on_two_streams() -> None:
     tickets, slot counters), so every replay gives the eager step's answer."""
     gen, seed = gen_seed()
     hkv, g, d, dtype, rounds = 8, 4, 128, torch.float16, 12
-    indexes = [build_pair("clustered", hkv, n, d, dtype, gen, buffer_size=64)[1]
+    cfg = IndexConfig(kind=IndexKind.QUANT, backend="triton", buffer_size=64)
+    indexes = [LouverIndex.build(*(t.to(DEVICE) for t in make_kv("clustered", hkv, n, d, dtype,
+                                                                 gen)), cfg)
                for n in (30000, 20000)]
     steps = [decode.CapturedStep(ix, Relative(1e-3), hkv * g) for ix in indexes]
     ptrs = [{t.data_ptr() for held in step.graph.louver_counters.values() for t in held}
