@@ -233,6 +233,10 @@ class LouverServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device: torch.device = settings.resolve_device()
+        if not settings.kernel_pdl:   # on by default in the kernels
+            from louver_kernels.triton import set_programmatic_launch
+
+            set_programmatic_launch(False)
         self.metrics = Metrics()
         self.store = SessionStore(self.device, settings.resolve_memory_budget(self.device),
                                   settings.max_sessions, settings.session_ttl_s, self.metrics)

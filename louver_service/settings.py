@@ -106,6 +106,13 @@ class Settings(BaseSettings):
                     "and run whichever of the two measures faster (timed on 2 calls of every "
                     "64); the dense step attends every key, a superset of the policy's keys "
                     "(its answers report every key attended and tau -inf)")
+    kernel_pdl: bool = Field(
+        default=True,
+        description="triton backend on GPUs of compute capability >= 9.0: programmatic "
+                    "dependent launch between a decode step's kernels (each may start while "
+                    "the one before finishes; it hides ~1-2 us of launch latency per kernel). "
+                    "Applies to the whole process. Turn it off where the driver cannot record "
+                    "it in CUDA graphs (older than CUDA 12.3)")
     default_policy: str = Field(default="relative:1e-4",
                                 description="policy used when neither the call nor the session "
                                             "names one: relative:EPS, topk:K, mass:DELTA, "

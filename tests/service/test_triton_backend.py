@@ -137,3 +137,31 @@ def test_backend_resolution_per_session() -> None:
     with pytest.raises(ValueError):            # the Triton backend implements QUANT only
         Settings(index_backend="triton", index_kind="balls")
     assert IndexKind.QUANT is default.kind
+
+
+def test_kernel_pdl_setting_turns_programmatic_launch_off(
+        make_server: Callable[..., ServerThread], monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_pdl=false (LOUVER_KERNEL_PDL) turns programmatic dependent launch off for the
+    process, and the captured steps still answer like the torch backend."""
+    from louver_kernels.triton import _launch
+
+    monkeypatch.setattr(_launch, "USE_PDL", True)   # restored after the test
+    monkeypatch.setenv("LOUVER_KERNEL_PDL", "false")
+    assert not Settings().kernel_pdl
+    servers = {"triton": make_server(index_backend="triton", dense_fallback=False,
+                                     kernel_pdl=False, device=DEVICE),
+               "torch": make_server(device=DEVICE)}
+    assert not _launch.USE_PDL
+    assert _launch.pdl_launch(torch.device(DEVICE)) == {}
+    data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
+    q = query() * 6
+    answers = []
+    for srv in servers.values():
+        sid = create(srv.stub, index=pb.IndexParams(buffer_size=32))
+        srv.stub.Append(iter(prefill_requests(sid, data)))
+        got = srv.stub.Attend(pb.AttendRequest(items=[item(sid, 0, q, policy=RELATIVE)]))
+        answers.append(got.results[0])
+    diff = (torch.tensor(list(answers[0].stats.num_attended))
+            - torch.tensor(list(answers[1].stats.num_attended))).abs()
+    assert int(diff.max()) <= 1          # keys within float32 rounding of tau
+    torch.testing.assert_close(output(answers[0]), output(answers[1]), atol=1e-3, rtol=1e-3)
