@@ -127,7 +127,7 @@ def split_sweep(index: LouverIndex, policy: Relative, q: torch.Tensor) -> dict[s
 
 
 FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5)
-BUILD_REPEATS = 5    # builds timed per context after the first (median reported)
+BUILD_REPEATS = 20   # builds timed per context after the first (median reported)
 
 
 def fraction_sweep(index: LouverIndex, keys: torch.Tensor, q: torch.Tensor

@@ -200,12 +200,12 @@ class LouverIndex:
         index = cls(hkv, d, values.shape[2], keys.dtype, keys.device, config or IndexConfig(),
                     capacity=keys.shape[1])
         k, v = index._convert_kv(keys, values)
-        # the value check is read after the build's work is queued (one synchronization, at
-        # the end): a failed build discards the index, so it needs no check beforehand
-        extremes = index._extremes(k, v)
         index._store(k, v)
         index._index_pending()
-        index._raise_if_invalid(extremes)
+        # the value check comes last: its reduction queues behind the encoding, and its one
+        # synchronization waits for both (a failed build discards the index, so nothing needs
+        # the check earlier)
+        index._raise_if_invalid(index._extremes(k, v))
         return index
 
     @staticmethod
@@ -338,8 +338,8 @@ class LouverIndex:
         """Write validated keys and values (``_validate_kv``) at [num_keys, num_keys + T)."""
         t = k.shape[1]
         self._grow(self.num_keys + t)
-        self._keys[:, self.num_keys: self.num_keys + t] = k
-        self._values[:, self.num_keys: self.num_keys + t] = v
+        self._keys.narrow(1, self.num_keys, t).copy_(k)
+        self._values.narrow(1, self.num_keys, t).copy_(v)
         self.num_keys += t
         if self._counters is not None:
             self._counters[1].fill_(self.num_keys)

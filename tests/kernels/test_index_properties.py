@@ -277,8 +277,9 @@ def test_build_rejects_bad_values(config: IndexConfig, where: str, value: float)
     whatever the kind and backend (the check is read after the build's work is queued)."""
     keys, values = torch.randn(2, 40, 32), torch.randn(2, 40, 32)
     (keys if where == "keys" else values)[1, 33, 5] = value
+    device = "cuda" if config.backend == "triton" and torch.cuda.is_available() else "cpu"
     with pytest.raises(ValueError, match=where):
-        LouverIndex.build(keys, values, config)
+        LouverIndex.build(keys.to(device), values.to(device), config)
 
 
 def test_append_without_value_checks_stores_the_same() -> None:
