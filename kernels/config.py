@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 
@@ -39,8 +39,10 @@ class IndexConfig:
         softmax_scale: attention scale; None means 1/sqrt(D).
         backend: "torch" (the plain-torch implementation, on any device) or "triton" (the
             Triton kernels for a QUANT index's Fixed/Relative/Dense steps, on CUDA tensors, or
-            on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1). "auto" is "torch"
-            until the kernel step beats it on the GPU benchmark.
+            on CPU tensors under Triton's interpreter, TRITON_INTERPRET=1). "auto" follows the
+            keys' device: "triton" on a CUDA GPU of compute capability >= 9.0 (where the
+            kernels are tested) for a configuration and head dim they implement
+            (``triton_supports``), else "torch" (see ``LouverIndex.uses_triton``).
     """
 
     kind: IndexKind = IndexKind.QUANT
@@ -108,6 +110,17 @@ class IndexConfig:
         if self.backend == "triton" and (head_dim < 32 or head_dim & (head_dim - 1)):
             raise ValueError(f"the Triton backend needs a power-of-two head dim in [32, 512], "
                              f"got {head_dim}")
+
+    def triton_supports(self, head_dim: int) -> bool:
+        """Whether the Triton kernels implement this configuration for keys of dimension
+        ``head_dim`` (QUANT, their code layouts, a power-of-two head dim in [32, 512])."""
+        if self.kind is not IndexKind.QUANT:
+            return False
+        try:
+            replace(self, backend="triton").validate_dims(head_dim)
+        except ValueError:
+            return False
+        return True
 
     def scale_for(self, head_dim: int) -> float:
         """The softmax scale used for keys of dimension ``head_dim``."""

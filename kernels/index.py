@@ -142,6 +142,8 @@ class LouverIndex:
         self.num_keys = 0
         self.num_indexed = 0
         self.num_flushes = 0
+        # whether attend() runs the Triton kernels (and the records take their layout)
+        self.uses_triton = self._resolve_triton(config, head_dim, self.device)
         # storage for ``capacity`` keys (a build's prefill: allocated once)
         self._cap = self._capacity_for(capacity, config)
         for name, t in self._allocate(self._cap).items():
@@ -167,10 +169,16 @@ class LouverIndex:
             self._radii = torch.empty(h, s, 0, device=self.device)
             self._num_clusters = 0
 
-    @property
-    def uses_triton(self) -> bool:
-        """Whether attend() runs the Triton kernels (see IndexConfig.backend)."""
-        return self.config.kind is IndexKind.QUANT and self.config.backend == "triton"
+    @staticmethod
+    def _resolve_triton(config: IndexConfig, head_dim: int, device: torch.device) -> bool:
+        """``uses_triton``: whether the index keeps the Triton kernels' record layout and its
+        Fixed / Relative / Dense steps run them (IndexConfig.backend; "auto": on a CUDA GPU of
+        compute capability >= 9.0, where they are tested, for a configuration they
+        implement)."""
+        if config.backend == "auto":
+            return (device.type == "cuda" and config.triton_supports(head_dim)
+                    and torch.cuda.get_device_capability(device) >= (9, 0))
+        return config.kind is IndexKind.QUANT and config.backend == "triton"
 
     # ------------------------------------------------------------------ construction / growth
 

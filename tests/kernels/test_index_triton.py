@@ -170,6 +170,26 @@ def test_triton_backend_needs_quant() -> None:
         IndexConfig(kind=IndexKind.BALLS, backend="triton")
 
 
+def test_auto_backend_follows_the_device() -> None:
+    """backend="auto" runs the Triton kernels on a CUDA GPU of compute capability >= 9.0 for
+    the configurations they implement, and the torch backend elsewhere."""
+    keys = torch.randn(2, 40, 64, dtype=torch.float16)
+    assert not LouverIndex.build(keys, keys, IndexConfig()).uses_triton        # CPU tensors
+    assert IndexConfig().triton_supports(64) and IndexConfig().triton_supports(128)
+    assert not IndexConfig().triton_supports(48)          # not a power of two
+    assert not IndexConfig().triton_supports(16)          # below 32
+    assert not IndexConfig(quant_bits=8).triton_supports(64)
+    assert not IndexConfig(kind=IndexKind.BALLS).triton_supports(64)
+    if CUDA:
+        hopper = torch.cuda.get_device_capability() >= (9, 0)
+        gpu = keys.to(DEVICE)
+        assert LouverIndex.build(gpu, gpu, IndexConfig()).uses_triton == hopper
+        assert not LouverIndex.build(gpu, gpu, IndexConfig(backend="torch")).uses_triton
+        assert not LouverIndex.build(gpu, gpu, IndexConfig(kind=IndexKind.BALLS)).uses_triton
+        narrow = torch.randn(2, 40, 16, dtype=torch.float16, device=DEVICE)
+        assert not LouverIndex.build(narrow, narrow, IndexConfig()).uses_triton
+
+
 def test_triton_step_empty_index_and_buffer_only() -> None:
     keys = torch.empty(1, 0, 64, dtype=torch.float16)
     index = LouverIndex.build(keys.to(DEVICE), keys.to(DEVICE),

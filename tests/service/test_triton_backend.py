@@ -40,7 +40,7 @@ def test_captured_steps_answer_like_the_torch_backend(
         make_server: Callable[..., ServerThread]) -> None:
     servers = {"triton": make_server(index_backend="triton", dense_fallback=False,
                                      device=DEVICE),
-               "torch": make_server(device=DEVICE)}
+               "torch": make_server(index_backend="torch", device=DEVICE)}
     index = pb.IndexParams(buffer_size=32)
     data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
     sids = {}
@@ -150,7 +150,7 @@ def test_kernel_pdl_setting_turns_programmatic_launch_off(
     assert not Settings().kernel_pdl
     servers = {"triton": make_server(index_backend="triton", dense_fallback=False,
                                      kernel_pdl=False, device=DEVICE),
-               "torch": make_server(device=DEVICE)}
+               "torch": make_server(index_backend="torch", device=DEVICE)}
     assert not _launch.USE_PDL
     assert _launch.pdl_launch(torch.device(DEVICE)) == {}
     data = [kv(PREFILL) for _ in range(NUM_LAYERS)]
