@@ -98,8 +98,9 @@ class Settings(BaseSettings):
         description="decode step of QUANT sessions: triton (the GPU kernels, replayed from a "
                     "CUDA graph per layer and policy; on a CPU only under TRITON_INTERPRET=1, "
                     "for testing; needs index_kind quant, and sessions that ask for another "
-                    "kind run on torch), torch (plain torch) or auto (torch until the kernels "
-                    "beat dense attention)")
+                    "kind run on torch), torch (plain torch) or auto (triton on CUDA GPUs of "
+                    "compute capability >= 9.0 for the sessions the kernels implement, torch "
+                    "elsewhere)")
     dense_fallback: bool = Field(
         default=True,
         description="triton backend, relative policies: also capture each layer's dense step "
