@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import record_graph
+from benchmarks.gpu_common import record_graph, repeated_kv
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton import _launch
 from louver_kernels.triton.dense_attention import dense_attention
@@ -105,9 +105,7 @@ def sparse_rows(capture: str, contexts: list[int], dev: torch.device) -> list[di
         cap = make(real)
         q = cap["q"][:, -1].to(dev)
         for n in contexts:
-            reps = -(-n // cap["k"].shape[1])
-            keys = torch.cat([cap["k"]] * reps, dim=1)[:, :n].to(dev)
-            values = torch.cat([cap["v"]] * reps, dim=1)[:, :n].to(dev)
+            keys, values = repeated_kv(cap["k"], cap["v"], n, dev)
             index = LouverIndex.build(keys, values, IndexConfig(backend="triton"))
 
             def step(index: LouverIndex = index, q: torch.Tensor = q) -> object:

@@ -30,6 +30,7 @@ import torch
 import triton
 
 from benchmarks.bench_gpu import SHAPES
+from benchmarks.gpu_common import repeated_kv
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton.decode import CapturedStep
 
@@ -50,9 +51,7 @@ def median_us(fn: Callable[[], object]) -> float:
 
 
 def row(label: str, cap: dict[str, Any], n: int, dev: torch.device) -> dict[str, Any]:
-    reps = -(-n // cap["k"].shape[1])
-    keys = torch.cat([cap["k"]] * reps, dim=1)[:, :n].to(dev)
-    values = torch.cat([cap["v"]] * reps, dim=1)[:, :n].to(dev)
+    keys, values = repeated_kv(cap["k"], cap["v"], n, dev)
     q = cap["q"][:, -1].to(dev)
     policy = Relative(1e-3)
     by_torch = LouverIndex.build(keys, values, IndexConfig(backend="torch"))

@@ -41,10 +41,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_common import copy_bandwidth
+from benchmarks.gpu_common import copy_bandwidth, repeated_kv
 from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative
 from louver_kernels import reference as ref
-from louver_kernels.triton import _launch
+from louver_kernels.triton import _launch, set_programmatic_launch
 from louver_kernels.triton.decode import CapturedStep
 
 
@@ -202,9 +202,7 @@ def run_context(k: torch.Tensor, v: torch.Tensor, qs: torch.Tensor, n_ctx: int,
     """One context length: build, time the step per eps and SDPA, check every query."""
     import triton.testing
 
-    reps = -(-n_ctx // k.shape[1])
-    keys = torch.cat([k] * reps, dim=1)[:, :n_ctx].to(dev)
-    values = torch.cat([v] * reps, dim=1)[:, :n_ctx].to(dev)
+    keys, values = repeated_kv(k, v, n_ctx, dev)
     # build: the first one (compilation at the first context, allocation), then the median
     # of BUILD_REPEATS more (host + GPU, synchronized before and after each)
     builds = []
@@ -482,7 +480,7 @@ def main() -> None:
                         help="launch the step's kernels without programmatic dependent launch "
                              "(the comparison; the default uses it where the GPU has it)")
     args = parser.parse_args()
-    _launch.USE_PDL = not args.no_pdl
+    set_programmatic_launch(not args.no_pdl)
     if args.make_capture:
         make_capture(args.make_capture, args.layer, 64, args.capture)
         return

@@ -24,6 +24,15 @@ def record_graph(fn: Callable[[], object], calls: int = 1, warmups: int = 2
     return graph
 
 
+def repeated_kv(k: torch.Tensor, v: torch.Tensor, n: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [Hkv, n, *] on ``device`` from a capture's k, v [Hkv, T, *]: the first n
+    positions of the capture repeated along the sequence (contexts beyond the capture)."""
+    reps = -(-n // k.shape[1])
+    return (torch.cat([k] * reps, dim=1)[:, :n].to(device),
+            torch.cat([v] * reps, dim=1)[:, :n].to(device))
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Device-to-device copy bandwidth, bytes/s, read + write counted (1 GiB buffers, median
     of triton.testing.do_bench): the ceiling the benchmarks state memory-bound kernels against."""
