@@ -192,7 +192,7 @@ def _dense_attention_kernel(
              mask=h_ok[:, None])
 
 
-@triton.jit(do_not_specialize=["end"])
+@triton.jit(do_not_specialize=["end", "n_split", "n_slots"])
 @no_type_check
 def _dense_merge_kernel(
     ws_ptr, end_ptr, out_ptr, lse_ptr, natt_ptr,

@@ -190,7 +190,7 @@ def _store_field(rec, value, live, BK: tl.constexpr, NB: tl.constexpr, NBP: tl.c
              mask=live[:, None, None] & (i < NB)[None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["start", "end", "norm_start"])
 @no_type_check
 def _encode_kernel(
     keys_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, kmax_ptr, lmax_ptr, rmax_ptr,

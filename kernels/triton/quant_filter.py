@@ -136,6 +136,9 @@ from louver_kernels.triton._launch import (
 __all__ = ["quant_filter", "quant_filter_reference"]
 
 _LOG2E = 1.4426950408889634
+# partials per load in the last arrival's merge: a constant, so that the kernel compiles once
+# per shape, not once per capacity class (the split count follows the capacity)
+_MERGE_CHUNK = 128
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +282,7 @@ def _segment(qt, st, lo, HALF: tl.constexpr, CB: tl.constexpr, NBC: tl.constexpr
     return qmc, qmf, sigma, cc, fc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_value", "cap_out", "num_splits"])
 @no_type_check  # Triton code: mypy cannot follow the constexpr-typed tuples
 def _quant_filter_kernel(
     q_ptr, codes_ptr, err_ptr, lo_ptr, step_ptr, slack_ptr, tau_ptr, n_ptr,
@@ -419,7 +422,7 @@ def _quant_filter_kernel(
     ticket = tl.atomic_add(counter_ptr + tl.num_programs(1) + kh, 1, sem="acq_rel", scope="gpu")
     if ticket == active - 1:
         # last arrival: merge the partials of all heads at once, SPLIT_CHUNK splits per load
-        # (one pass with an online max; one step for the launcher's default split counts)
+        # (one pass with an online max; 1-4 steps for the launcher's default split counts)
         offs_s = tl.arange(0, SPLIT_CHUNK)
         m_tot = tl.full([NQ], float("-inf"), tl.float32)
         s_tot = tl.zeros([NQ], tl.float32)
@@ -672,7 +675,7 @@ def quant_filter(
         stride_lh, stride_ls, cand_pos.stride(0),
         G=g, D=d, NQ=nq, NG=ng, GRP=group, CB=cb, FB=fb,
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
-        SPLIT_CHUNK=min(next_pow2(num_splits), 512),
+        SPLIT_CHUNK=_MERGE_CHUNK,
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,
         PDL=bool(pdl), num_warps=num_warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}), **pdl,

@@ -432,6 +432,56 @@ def test_side_stream_flushes_between_layers() -> None:
     torch.cuda.synchronize()
 
 
+def compiled_variants() -> dict[str, int]:
+    """Per Triton kernel of louver_kernels.triton: how many binaries it has compiled so far."""
+    from triton.runtime.jit import JITFunction
+
+    from louver_kernels.triton import attention, dense_attention, encode, quant_filter
+
+    counts: dict[str, int] = {}
+    for module in (attention, dense_attention, decode, encode, quant_filter):
+        for name, fn in vars(module).items():
+            if isinstance(fn, JITFunction) and name.endswith("_kernel"):
+                counts[f"{module.__name__}.{name}"] = sum(
+                    len(caches[0]) for caches in fn.device_caches.values())
+    return counts
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled kernels (the interpreter compiles nothing)")
+def test_kernels_compile_once_as_the_capacity_grows() -> None:
+    """A sequence that grows from 2k to 128k keys (six capacity classes) compiles no kernel
+    after its first steps: every launch argument that follows the capacity or the positions
+    is a runtime value (a compile stalls a decode step for about a second)."""
+    gen = torch.Generator().manual_seed(12)
+    hkv, g, d, dtype = 2, 3, 64, torch.float16
+    index = LouverIndex.build(*(t.to(DEVICE) for t in make_kv("clustered", hkv, 2000, d, dtype,
+                                                              gen)),
+                              IndexConfig(kind=IndexKind.QUANT, backend="triton"))
+    policies = (Relative(1e-3), Fixed(0.0), Dense())
+    steps = [decode.CapturedStep(index, p, hkv * g) for p in policies]
+
+    def decode_tokens(tokens: int) -> None:
+        for _ in range(tokens):
+            k, v = make_kv("clustered", hkv, 1, d, dtype, gen)
+            index.append(k.to(DEVICE), v.to(DEVICE))
+            q = torch.randn(hkv * g, d, generator=gen).to(dtype).to(DEVICE)
+            for step in steps:
+                step(q)
+            for p in policies:
+                index.attend(q, p)
+
+    decode_tokens(300)                       # past a flush of the decode buffer
+    first = compiled_variants()
+    assert first and all(first.values()), first
+    while index.num_keys < 128 * 1024:       # prefill-sized appends, then decode again
+        k, v = make_kv("clustered", hkv, index.num_keys, d, dtype, gen)
+        index.append(k.to(DEVICE), v.to(DEVICE))
+        decode_tokens(300)
+    torch.cuda.synchronize()
+    assert index._cap >= 128 * 1024
+    assert compiled_variants() == first
+
+
 def test_faster_times_both_variants_then_runs_the_faster() -> None:
     """_Faster: calls 0 and 1 of every round run (and time) each variant, the others the one
     with the smaller moving average; samples not ready yet are read at later calls."""
