@@ -113,9 +113,11 @@ def capture_graph(device: torch.device, body: Callable[[], None], warmups: int
     calls on that stream (they compile the kernels and create the graph's own CounterPool
     buffers, which the returned graph keeps alive: a body whose launchers take counters needs
     warmups >= 1). The capture is thread_local: CUDA work that other threads issue meanwhile
-    (a server serves other sessions from several threads) does not invalidate it. Captures are
-    serialized by a lock: entering torch.cuda.graph synchronizes the device and empties the
-    allocator's cache, which must not happen while another thread captures."""
+    (a server serves other sessions from several threads) does not invalidate it. The capture
+    neither synchronizes the device nor empties the allocator's cache (as entering
+    torch.cuda.graph does): a step captured on one thread does not wait for the work other
+    sessions queued, nor make them allocate device memory anew. Captures are serialized by a
+    lock (one graph memory pool in the making at a time)."""
     # one capture at a time in this process (see the docstring)
     with _CAPTURE_LOCK, graph_counters() as counters:
         graph = _capture(device, body, warmups)
@@ -145,8 +147,15 @@ def _capture(device: torch.device, body: Callable[[], None], warmups: int
             body()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-        body()
+    with torch.cuda.stream(side):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            body()
+        except BaseException:
+            with contextlib.suppress(RuntimeError):   # the capture is invalid: body's error
+                graph.capture_end()
+            raise
+        graph.capture_end()
     return graph
 
 
