@@ -192,8 +192,10 @@ def pdl_launch(device: torch.device) -> dict[str, bool]:
     stream is still running, once every program of that one has begun (await_prior lets them
     go first thing); the new kernel's programs then wait (griddepcontrol.wait) for it to
     complete and its memory to be visible before reading or writing anything, so only the
-    launch latency between two dependent kernels is hidden, never a dependency. A CUDA graph
-    records it as a programmatic edge.
+    launch latency between two dependent kernels is hidden, never a dependency (one exception,
+    by contract with its caller: the filter's ``early`` start reads what the kernel before it
+    does not write before it waits; quant_filter). A CUDA graph records it as a programmatic
+    edge.
 
     The first kernel of an operation (the step's prologue, the dense pass) takes the PDL flag
     but not these options: it launches after whatever came before as usual, and only lets its

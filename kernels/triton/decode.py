@@ -367,7 +367,8 @@ def _run(index: LouverIndex, q: torch.Tensor, mode: int, tau_off: float,
         q, index._codes, index._err, lo, step, sc.slack, tau, num_indexed=n_arg,
         bits=cfg.quant_bits, coarse_bits=cfg.quant_coarse_bits, group=cfg.quant_group,
         scale=index.scale, segment_size=cfg.buffer_size, cand_pos=sc.cand_pos,
-        cand_count=sc.cand_count, pruned_lse=sc.pruned_lse, **tuning.get("filter", {}))
+        cand_count=sc.cand_count, pruned_lse=sc.pruned_lse,
+        **{"early": True, **tuning.get("filter", {})})
     if stages < 3:
         return
     sparse_attention(

@@ -118,6 +118,7 @@ from typing import no_type_check
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from louver_kernels import reference as ref
 from louver_kernels.triton._device import await_prior, load_scalar
@@ -292,9 +293,15 @@ def _quant_filter_kernel(
     G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NG: tl.constexpr, GRP: tl.constexpr,
     CB: tl.constexpr, FB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
-    PACKED: tl.constexpr, PDL: tl.constexpr,
+    PACKED: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
 ):
-    await_prior(PDL)
+    if EARLY:
+        # only let the next kernel launch: the wait for the previous one (which writes tau and
+        # slack, nothing else this kernel reads) comes before the first use of tau (see
+        # quant_filter's ``early``)
+        gdc_launch_dependents()
+    else:
+        await_prior(PDL)
     split = tl.program_id(0)
     kh = tl.program_id(1)
     NBC: tl.constexpr = D * CB // 8        # bytes of the coarse field
@@ -328,8 +335,9 @@ def _quant_filter_kernel(
     qt = tl.load(q_ptr + heads[None, :] * stride_qh + offs_d[:, None], mask=q_ok[None, :],
                  other=0.0).to(tl.float32)                                      # [D, NQ]
     qng = tl.sqrt(tl.sum(tl.reshape(qt * qt, [NG, GRP, NQ]), axis=1))           # ||q_g||, [NG, NQ]
-    tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
-    slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
+    if not EARLY:
+        tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
+        slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
 
     k_base = codes_ptr + kh.to(tl.int64) * stride_kh
     e_base = err_ptr + kh.to(tl.int64) * stride_eh
@@ -369,6 +377,12 @@ def _quant_filter_kernel(
             # ---- coarse stage: residual terms + coarse field, all heads ----
             et = tl.sum(e * qng[None, :, :], axis=1)
             a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
+            if EARLY:
+                # the previous kernel's tau and slack (a no-op wait after the first block; the
+                # loads hit the cache)
+                gdc_wait()
+                tau = tl.load(tau_ptr + heads, mask=q_ok, other=float("inf"))
+                slack = tl.load(slack_ptr + heads, mask=q_ok, other=0.0)
             coarse = (a.to(tl.float32) * sig_c[None, :] + cc[None, :] + et) + slack[None, :]
             hit = (coarse >= tau[None, :]) & q_ok[None, :]
             surv = (tl.max(hit.to(tl.int32), axis=1) > 0) & valid
@@ -409,6 +423,8 @@ def _quant_filter_kernel(
                 tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
             it += 1
 
+    if EARLY:
+        gdc_wait()   # a program without items: before its first write
     # ---- publish this program's partial (max, sum) per head ----
     m_run = tl.max(m_el, axis=0)
     m_ref = tl.where(m_run == float("-inf"), 0.0, m_run)
@@ -510,6 +526,7 @@ def quant_filter(
     block_n: int | None = None,
     num_warps: int = 4,
     maxnreg: int | None = None,
+    early: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Candidates of a QUANT index for one decode step (two-stage bound, see the module doc).
 
@@ -546,6 +563,15 @@ def quant_filter(
         num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
             per block, warps per program, register cap per thread); the defaults fill the
             device (maxnreg: 128 where that does not spill, G <= 4 and D <= 128).
+        early: with programmatic dependent launch (_launch.pdl_launch), start before the
+            kernel launched just before this one completes: each program reads q, the
+            records and num_indexed and computes its first block's coarse dot, and waits for
+            that kernel only before it reads tau and slack (and before any write). The caller
+            guarantees that the kernel before it writes nothing else this one reads and was
+            itself launched without PDL options (so everything before that one is complete):
+            the decode step's prologue (decode._run). Measured on an H200 (real keys, eps
+            1e-3, captured step): 1.2-2.1 us less per step at 32k and 128k keys, both shapes
+            of bench_gpu. False: the usual wait before the first memory access.
 
     Returns:
         (cand_pos int32 [Hkv, C], cand_count int32 [Hkv], pruned_lse float32 [Hq]): see the
@@ -677,7 +703,7 @@ def quant_filter(
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=_MERGE_CHUNK,
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,
-        PDL=bool(pdl), num_warps=num_warps, num_stages=1,
+        PDL=bool(pdl), EARLY=bool(pdl) and early, num_warps=num_warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}), **pdl,
     )
     return cand_pos, cand_count, pruned_lse
