@@ -1,12 +1,14 @@
 """Programmatic dependent launch (PDL): a kernel launched with it may start before the kernel
 before it on the stream has finished, so it must wait (``_device.await_prior``) before touching
-global memory. Checked here: every kernel of the step starts with that wait, and the wait holds
-on a GPU that has PDL."""
+global memory. Checked here: every kernel of the step starts with that wait (the filter: unless
+its ``early`` start is asked for, which waits before it reads what the kernel before it writes),
+and the waits hold on a GPU that has PDL."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import math
 
 import pytest
 import torch
@@ -19,6 +21,14 @@ from louver_kernels.triton.attention import _sparse_attention_kernel
 from louver_kernels.triton.decode import _prologue_kernel
 from louver_kernels.triton.dense_attention import _dense_attention_kernel, _dense_merge_kernel
 from louver_kernels.triton.quant_filter import _quant_filter_kernel
+from tests.kernels.keygen import gen_seed
+from tests.kernels.test_triton_quant_filter import (
+    Case,
+    _as_mask,
+    _lists,
+    _lists_unpoisoned,
+    _tau_in_gap,
+)
 
 CUDA = torch.cuda.is_available()
 PDL_GPU = CUDA and torch.cuda.get_device_capability() >= (9, 0)
@@ -27,10 +37,20 @@ STEP_KERNELS = [_prologue_kernel, _quant_filter_kernel, _sparse_attention_kernel
                 _dense_attention_kernel, _dense_merge_kernel]
 
 
+def _is_call(stmt: ast.stmt, name: str, args: list[str]) -> bool:
+    """Whether ``stmt`` is the expression statement ``name(*args)`` (args: names)."""
+    return (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call)
+            and isinstance(stmt.value.func, ast.Name) and stmt.value.func.id == name
+            and [a.id for a in stmt.value.args if isinstance(a, ast.Name)] == args
+            and len(stmt.value.args) == len(args))
+
+
 @pytest.mark.parametrize("kernel", STEP_KERNELS, ids=lambda k: k.fn.__name__)
 def test_every_step_kernel_awaits_before_anything_else(kernel: object) -> None:
     """The first statement after the docstring is ``await_prior(PDL)``, PDL a constexpr
-    parameter: nothing reads or writes memory before the wait."""
+    parameter: nothing reads or writes memory before the wait. The filter's may instead be
+    ``if EARLY: gdc_launch_dependents() else: await_prior(PDL)`` (EARLY a constexpr): its
+    early start, whose wait test_filter_early_start_waits_for_tau_and_slack checks."""
     fn = kernel.fn   # type: ignore[attr-defined]
     tree = ast.parse(inspect.getsource(fn))
     func = next(node for node in tree.body if isinstance(node, ast.FunctionDef))
@@ -38,12 +58,18 @@ def test_every_step_kernel_awaits_before_anything_else(kernel: object) -> None:
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]                                  # the docstring
     first = body[0]
-    assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), fn.__name__
-    call = first.value
-    assert isinstance(call.func, ast.Name) and call.func.id == "await_prior", fn.__name__
-    assert [a.id for a in call.args if isinstance(a, ast.Name)] == ["PDL"], fn.__name__
-    annotation = {a.arg: a.annotation for a in func.args.args}.get("PDL")
-    assert annotation is not None and "constexpr" in ast.unparse(annotation), fn.__name__
+    constexprs = ["PDL"]
+    if isinstance(first, ast.If) and kernel is _quant_filter_kernel:
+        assert isinstance(first.test, ast.Name) and first.test.id == "EARLY", fn.__name__
+        assert len(first.body) == 1 and _is_call(first.body[0], "gdc_launch_dependents", [])
+        assert len(first.orelse) == 1, fn.__name__
+        first = first.orelse[0]
+        constexprs.append("EARLY")
+    assert _is_call(first, "await_prior", ["PDL"]), fn.__name__
+    annotations = {a.arg: a.annotation for a in func.args.args}
+    for name in constexprs:
+        annotation = annotations.get(name)
+        assert annotation is not None and "constexpr" in ast.unparse(annotation), fn.__name__
 
 
 @triton.jit
@@ -61,6 +87,18 @@ def _slow_writer(x_ptr, wait_ns):
     while t < t_end:
         t = _now()
     tl.store(x_ptr, 1)
+
+
+@triton.jit
+def _slow_copy(src_ptr, dst_ptr, n, wait_ns, BLOCK: tl.constexpr):
+    """Lets its successor launch at once, then spins for wait_ns before copying n floats."""
+    await_prior(True)
+    t = _now()
+    t_end = t + wait_ns
+    while t < t_end:
+        t = _now()
+    offs = tl.arange(0, BLOCK)
+    tl.store(dst_ptr + offs, tl.load(src_ptr + offs, mask=offs < n), mask=offs < n)
 
 
 @triton.jit
@@ -94,3 +132,42 @@ def test_await_prior_waits_for_the_kernel_before() -> None:
         graph.replay()
         torch.cuda.synchronize()
         assert int(y.item()) == 1
+
+
+@pytest.mark.skipif(not PDL_GPU, reason="programmatic dependent launch needs an sm_90+ GPU")
+def test_filter_early_start_waits_for_tau_and_slack() -> None:
+    """quant_filter(early=True) launched right after a kernel that lets it start at once and
+    writes tau and slack only after 200 us (the place of the step's prologue) finds the
+    candidates and pruned_lse of the written values, not of what was there before (tau = +inf,
+    slack = -inf: no candidate), in eager launches and in a CUDA graph."""
+    gen, seed = gen_seed()
+    case = Case(kind="clustered", hkv=2, g=3, n=8192, d=64, bits=6, coarse=4, group=16,
+                seg=256, dtype=torch.float16, gen=gen)
+    msg = f"seed={seed}"
+    tau = _tau_in_gap(case.full, 0.9).to("cuda")
+    cp0, cc0, pl0 = case.run(tau)
+    want = _as_mask(_lists(cp0, cc0, case.n, msg), case.n)
+    src = torch.stack([tau, case.slack])                 # what the slow kernel writes
+    buf = torch.empty_like(src)                          # rows: tau, slack (each contiguous)
+    case.slack = buf[1]
+    outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def pair() -> None:
+        buf[0].fill_(math.inf)
+        buf[1].fill_(-math.inf)
+        _slow_copy[(1,)](src, buf, src.numel(), 200_000, BLOCK=triton.next_power_of_2(
+            src.numel()))
+        # no poisoned outputs: their fills would launch between the two kernels
+        outs.append(case.run(buf[0], early=True, poison=False))
+
+    for _ in range(3):
+        pair()
+    graph = _launch.capture_graph(buf.device, pair, warmups=1)
+    captured = outs[-1]       # written by the replays
+    graph.replay()
+    graph.replay()
+    torch.cuda.synchronize()
+    for cp, cc, pl in outs[:3] + [captured]:
+        assert torch.equal(cc, cc0), msg
+        assert torch.equal(_as_mask(_lists_unpoisoned(cp, cc, case.n), case.n), want), msg
+        assert torch.allclose(pl, pl0, rtol=1e-5, atol=1e-5), msg
