@@ -20,7 +20,7 @@ from louver_kernels.triton._device import await_prior
 from louver_kernels.triton.attention import _sparse_attention_kernel
 from louver_kernels.triton.decode import _prologue_kernel
 from louver_kernels.triton.dense_attention import _dense_attention_kernel, _dense_merge_kernel
-from louver_kernels.triton.quant_filter import _quant_filter_kernel
+from louver_kernels.triton.quant_filter import _quant_filter_kernel, quant_filter
 from tests.kernels.keygen import gen_seed
 from tests.kernels.test_triton_quant_filter import (
     Case,
@@ -145,29 +145,37 @@ def test_filter_early_start_waits_for_tau_and_slack() -> None:
                 seg=256, dtype=torch.float16, gen=gen)
     msg = f"seed={seed}"
     tau = _tau_in_gap(case.full, 0.9).to("cuda")
-    cp0, cc0, pl0 = case.run(tau)
+    cp0, cc0, pl0 = case.run(tau)      # also makes this stream's counters (no launch later)
     want = _as_mask(_lists(cp0, cc0, case.n, msg), case.n)
     src = torch.stack([tau, case.slack])                 # what the slow kernel writes
     buf = torch.empty_like(src)                          # rows: tau, slack (each contiguous)
-    case.slack = buf[1]
-    outs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    # outputs made beforehand: nothing may launch between the two kernels
+    cand_pos = torch.empty(case.hkv, case.records.shape[1], dtype=torch.int32, device="cuda")
+    cand_count = torch.empty(case.hkv, dtype=torch.int32, device="cuda")
+    pruned = torch.empty(case.hq, device="cuda")
 
     def pair() -> None:
         buf[0].fill_(math.inf)
         buf[1].fill_(-math.inf)
-        _slow_copy[(1,)](src, buf, src.numel(), 200_000, BLOCK=triton.next_power_of_2(
-            src.numel()))
-        # no poisoned outputs: their fills would launch between the two kernels
-        outs.append(case.run(buf[0], early=True, poison=False))
+        _slow_copy[(1,)](src, buf, src.numel(), 200_000,
+                         BLOCK=triton.next_power_of_2(src.numel()))
+        quant_filter(case.q, case.records, case.err, case.lo, case.step, buf[1], buf[0],
+                     num_indexed=case.n, bits=case.bits, coarse_bits=case.coarse,
+                     group=case.group, scale=case.index.scale, segment_size=case.seg,
+                     cand_pos=cand_pos, cand_count=cand_count, pruned_lse=pruned, early=True)
+
+    def check() -> None:
+        torch.cuda.synchronize()
+        assert torch.equal(cand_count, cc0), msg
+        got = _as_mask(_lists_unpoisoned(cand_pos, cand_count, case.n), case.n)
+        assert torch.equal(got, want), msg
+        assert torch.allclose(pruned, pl0, rtol=1e-5, atol=1e-5), msg
 
     for _ in range(3):
         pair()
+        check()
     graph = _launch.capture_graph(buf.device, pair, warmups=1)
-    captured = outs[-1]       # written by the replays
-    graph.replay()
-    graph.replay()
-    torch.cuda.synchronize()
-    for cp, cc, pl in outs[:3] + [captured]:
-        assert torch.equal(cc, cc0), msg
-        assert torch.equal(_as_mask(_lists_unpoisoned(cp, cc, case.n), case.n), want), msg
-        assert torch.allclose(pl, pl0, rtol=1e-5, atol=1e-5), msg
+    for _ in range(3):
+        cand_count.fill_(-1)
+        graph.replay()
+        check()
