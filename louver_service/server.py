@@ -32,6 +32,7 @@ from louver_service.errors import Unauthenticated, Unavailable, to_status
 from louver_service.metrics import Metrics, MetricsEndpoint, serve_metrics
 from louver_service.sessions import SessionStore
 from louver_service.settings import Settings
+from louver_service.warmup import warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -262,8 +263,12 @@ class LouverServer:
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
-        """Bind, start serving, mark healthy, start the metrics endpoint and the evictor."""
+        """Warm up (``warmup_shapes``), bind, start serving, mark healthy, start the metrics
+        endpoint and the evictor."""
         s = self.settings
+        for shape in s.warmups():
+            await asyncio.to_thread(warm_up, shape, self.device, s.index_config(), s.policy(),
+                                    s.dense_fallback)
         self.port = self.grpc.add_insecure_port(_host_port(s.host, s.port))
         if self.port == 0:
             raise RuntimeError(f"cannot bind {_host_port(s.host, s.port)}")

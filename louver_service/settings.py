@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -17,6 +17,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from louver_kernels.config import IndexConfig, IndexKind
 from louver_kernels.threshold import Dense, Fixed, Mass, Policy, Relative, TopK
+
+if TYPE_CHECKING:
+    from louver_service.warmup import WarmupShape
 
 _INDEX = IndexConfig()  # the kernels' defaults are the server's defaults
 
@@ -121,6 +124,13 @@ class Settings(BaseSettings):
     auth_tokens: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), repr=False,
         description="accepted bearer tokens (comma-separated); empty: no authentication")
+    warmup_shapes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="model shapes whose decode path runs once before the server listens, "
+                    "comma-separated HQ/HKV/D[:DTYPE] (dtype float16, the default, bfloat16 "
+                    "or float32), e.g. 9/3/64:bfloat16: on a GPU the kernels compile then "
+                    "(seconds per shape with an empty Triton cache) instead of during the "
+                    "first session's first steps")
     log_level: str = Field(default="INFO", description="logging level")
 
     @field_validator("device")
@@ -144,6 +154,22 @@ class Settings(BaseSettings):
     def _split_tokens(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("warmup_shapes", mode="before")
+    @classmethod
+    def _split_shapes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("warmup_shapes")
+    @classmethod
+    def _check_shapes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from louver_service.warmup import WarmupShape
+
+        for text in value:
+            WarmupShape.parse(text)
         return value
 
     @field_validator("log_level")
@@ -186,6 +212,12 @@ class Settings(BaseSettings):
     def policy(self) -> Policy:
         """The server default threshold policy."""
         return parse_policy(self.default_policy)
+
+    def warmups(self) -> list[WarmupShape]:
+        """The parsed ``warmup_shapes``."""
+        from louver_service.warmup import WarmupShape
+
+        return [WarmupShape.parse(text) for text in self.warmup_shapes]
 
 
 def _option(name: str) -> str:

@@ -40,6 +40,15 @@ def test_cli_over_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         s.port = 5  # type: ignore[misc]
 
 
+def test_warmup_shapes() -> None:
+    s = settings_from_args(["--warmup-shapes", "9/3/64:bfloat16, 4/2/32"])
+    assert [str(w) for w in s.warmups()] == ["9/3/64:bfloat16", "4/2/32:float16"]
+    assert Settings().warmups() == []
+    for bad in ("9/3", "9/4/64", "9/3/64:int8", "a/b/c", "0/1/64", "9/3/64/1"):
+        with pytest.raises(pydantic.ValidationError, match="warm-up"):
+            Settings(warmup_shapes=bad)  # type: ignore[arg-type]
+
+
 def test_cpu_budget_default() -> None:
     s = Settings(device="cpu")
     assert s.resolve_memory_budget(torch.device("cpu")) == 4 << 30

@@ -6,6 +6,7 @@ small."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from louver_kernels import reference as ref
 from louver_proto import pb
 from louver_service import wire
 from louver_service.settings import Settings
+from louver_service.warmup import WarmupShape, warm_up
 from tests.service.helpers import (
     DENSE,
     NUM_LAYERS,
@@ -165,3 +167,39 @@ def test_kernel_pdl_setting_turns_programmatic_launch_off(
             - torch.tensor(list(answers[1].stats.num_attended))).abs()
     assert int(diff.max()) <= 1          # keys within float32 rounding of tau
     torch.testing.assert_close(output(answers[0]), output(answers[1]), atol=1e-3, rtol=1e-3)
+
+
+def test_warm_up_runs_a_session_path_before_the_server_listens(
+        make_server: Callable[..., ServerThread], caplog: pytest.LogCaptureFixture) -> None:
+    """warmup_shapes: before it listens, the server runs a throwaway layer of each shape
+    through a build, captured decode steps with the dense fallback and a decode-time flush, and
+    keeps nothing of it; on a GPU a session of that shape (queries in its dtype) then compiles
+    no kernel."""
+    from tests.kernels.test_index_triton import compiled_variants
+
+    shape = WarmupShape.parse("6/2/32:bfloat16")
+    config = Settings(index_backend="triton", index_buffer_size=16).index_config()
+    report = warm_up(shape, torch.device(DEVICE), config, Relative(1e-3), fallback=True)
+    assert report.kernels and report.flushes == 2 and report.seconds > 0
+    caplog.set_level(logging.INFO, logger="louver_service.warmup")
+    srv = make_server(index_backend="triton", device=DEVICE, index_buffer_size=16,
+                      default_policy="relative:1e-3", warmup_shapes=" 6/2/32:bfloat16 ")
+    assert "warmed up 6/2/32:bfloat16" in caplog.text and "GPU kernels" in caplog.text
+    store = srv.server.store
+    assert store.num_sessions == 0 and store.reserved_bytes == 0
+    warm = compiled_variants()
+    dims = {"num_q_heads": 6, "num_kv_heads": 2, "head_dim": 32, "value_dim": 32}
+    sid = srv.stub.CreateSession(pb.CreateSessionRequest(
+        geometry=geometry(torch.bfloat16, **dims))).session.session_id
+    k, v = (torch.randn(2, 70, 32).to(torch.bfloat16) for _ in range(2))
+    srv.stub.Append(iter(prefill_requests(sid, [(k, v)] * NUM_LAYERS)))
+    for tokens in (16, 1, 1):          # a full buffer first: flushed after that step
+        q = (torch.randn(6, 32) * 4).to(torch.bfloat16)
+        new = (torch.randn(2, tokens, 32).to(torch.bfloat16),
+               torch.randn(2, tokens, 32).to(torch.bfloat16))
+        srv.stub.Attend(pb.AttendRequest(items=[item(sid, 0, q, new=new)]))
+    index = store.get(sid).layers[0].index
+    assert index is not None and index.uses_triton and index.num_flushes == 2
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        assert warm and compiled_variants() == warm
