@@ -149,16 +149,10 @@ class Settings(BaseSettings):
         parse_policy(value)
         return value
 
-    @field_validator("auth_tokens", mode="before")
+    @field_validator("auth_tokens", "warmup_shapes", mode="before")
     @classmethod
-    def _split_tokens(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return tuple(t.strip() for t in value.split(",") if t.strip())
-        return value
-
-    @field_validator("warmup_shapes", mode="before")
-    @classmethod
-    def _split_shapes(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
+        """A comma-separated string (the environment, the command line) as a tuple."""
         if isinstance(value, str):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
