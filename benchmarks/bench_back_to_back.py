@@ -24,7 +24,6 @@ their values); the sparse step runs on real SmolLM2 keys (``--capture``, made by
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import record_graph, repeated_kv
+from benchmarks.gpu_common import capture_args, record_graph, repeated_kv
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton import _launch
 from louver_kernels.triton.dense_attention import dense_attention
@@ -119,14 +118,7 @@ def sparse_rows(capture: str, contexts: list[int], dev: torch.device) -> list[di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capture", required=True, help="bench_gpu's one-layer capture")
-    parser.add_argument("--contexts", default="8192,32768,131072")
-    parser.add_argument("--out", default="benchmarks/results/bench_back_to_back.json")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_back_to_back needs a CUDA device")
+    args = capture_args(__doc__, "bench_back_to_back", "8192,32768,131072")
     dev = torch.device("cuda")
     contexts = [int(x) for x in args.contexts.split(",")]
     dense = []

@@ -19,7 +19,6 @@ Contexts beyond the capture repeat it, as in bench_gpu.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -30,7 +29,7 @@ import torch
 import triton
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import repeated_kv
+from benchmarks.gpu_common import capture_args, repeated_kv
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton.decode import CapturedStep
 
@@ -67,14 +66,7 @@ def row(label: str, cap: dict[str, Any], n: int, dev: torch.device) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--capture", required=True, help="bench_gpu's one-layer capture")
-    parser.add_argument("--contexts", default="4096,32768,131072")
-    parser.add_argument("--out", default="benchmarks/results/bench_backends.json")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_backends needs a CUDA device")
+    args = capture_args(__doc__, "bench_backends", "4096,32768,131072")
     dev = torch.device("cuda")
     real = torch.load(args.capture, weights_only=True)
     rows = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 
 import torch
@@ -43,3 +44,18 @@ def copy_bandwidth(device: torch.device) -> float:
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
                                  return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def capture_args(doc: str | None, name: str, contexts: str) -> argparse.Namespace:
+    """The command line of a GPU benchmark over bench_gpu's one-layer capture: --capture,
+    --contexts (default ``contexts``), --out (default benchmarks/results/NAME.json); exits
+    unless a CUDA device is present."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--capture", required=True, help="bench_gpu's one-layer capture")
+    parser.add_argument("--contexts", default=contexts)
+    parser.add_argument("--out", default=f"benchmarks/results/{name}.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name} needs a CUDA device")
+    return args
