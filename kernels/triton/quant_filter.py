@@ -73,25 +73,34 @@ blocks in an inner loop, where the query matrices are loop-invariant: they are s
 tensor cores once per segment (carried across one flat loop over items they were re-staged
 through shared memory at every block: the loop body went from 901 to 694 SASS instructions for
 32/8/128, the filter ~4 % faster on an H200 at 128k keys). Per block it bounds the
-coarse fields and the residual norms (one [BLOCK_N, NG, NQ] tile: each key's norms repeated per
-head) of all heads (one int8 dot per coarse plane), then loads the fine fields of the survivors
+coarse fields and the residual norms (a [BLOCK_N, NG, 1] tile broadcast over the heads, so that
+the sum over groups stays within a thread) of all heads (one int8 dot per coarse plane), then
+loads the fine fields of the survivors
 (masked loads move no bytes for the other rows) and computes the full bounds (one more dot per
 fine plane). No software pipeline in registers: carrying the next block's code bytes across the
 loop made Triton unpack and repack them byte by byte, and did not hide latency (measured).
 
-Where the time goes (H200, 32/8/128, 128k keys, ~80 us; hardware counters and sweeps): the
-kernel is latency-bound at low occupancy: 0.46 instructions issued per cycle and scheduler,
-0.69 of 3.8 resident warps eligible, 25 % occupancy (128 registers), DRAM at 30 % of peak. A
-128-key block costs each warp ~690 SASS instructions: bit-plane extraction ~20 %, cross-lane
-reductions over the heads and the compaction's scan ~20 %, the loads with their address and
-mask arithmetic ~15 % (32-bit row offsets instead of 64-bit ones saved only 2 %).
-A flat loop over items under Triton's software pipeliner (2-4 stages: asynchronous copies of
-the low field, the norms and a range row), blocks of 64-256 keys, 1-8 warps and register caps
-of 64-112 were measured: none beat these parameters by more than ~9 % at 128k keys, and
-most lost at 32k. Since prefetching the codes does not help, the stalls are on-chip: the
-dependency chains through shared memory (the dot operands), shuffles and the 17 CTA barriers
-of each block's loop body, with ~4 warps per scheduler to cover them. More speed needs fewer
-instructions and barriers per key, not other launch parameters.
+Where the time goes (H200, 32/8/128, 128k keys, ~80 us with four-warp programs; hardware
+counters and sweeps): the kernel is latency-bound at low occupancy: 0.46 instructions issued
+per cycle and scheduler, 0.69 of 3.8 resident warps eligible, 25 % occupancy (128 registers),
+DRAM at 30 % of peak. A 128-key block cost each warp ~690 SASS instructions: bit-plane
+extraction ~20 %, cross-lane reductions over the heads and the compaction's scan ~20 %, the
+loads with their address and mask arithmetic ~15 %. Block addresses as a scalar 64-bit base
+plus 32-bit offsets, and the residual norms loaded once per key (not once per head and key,
+which also converted each float16 four times) took the loop to 559 instructions (9/3/64: 555
+-> 465), but the filter only ~2-5 % faster (the same A/B on an H200): issue slots are not what
+it waits for. The stalls are on-chip: the dependency chains through shared memory (the dot
+operands), shuffles and the CTA barriers of each block's loop body (13 of them), with ~4 warps
+per scheduler to cover them. A flat loop over items under Triton's software pipeliner (2-4
+stages), blocks of 64-256 keys, 1-8 warps and register caps of 64-112 gained at most ~9 %.
+
+Launch shape. For D = 128 (G <= 4) the launcher runs one-warp programs walking 32-key blocks,
+16 per SM (the register file at 128 registers per thread), at least 2 blocks each: the same
+occupancy as four-warp programs, but a barrier waits for one warp only and the warps do not
+wait for each other. Measured on an H200 inside the captured decode step (real keys, eps
+1e-3): 32/8/128 at 8k / 32k / 128k keys, prologue + filter 19.1 / 32.6 / 81.6 -> 18.0 / 31.2 /
+71.1 us; for 9/3/64 it was no faster (16.3 -> 18.1 us at 32k, equal at 128k), so D = 64 keeps
+four-warp programs of 128-key blocks, about one wave of them, at most 8 blocks each.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -362,18 +371,21 @@ def _quant_filter_kernel(
         sig_c = sigma * SHIFT
         seg_end = tl.minimum(item_hi, (s + 1) * cps)
         while it < seg_end:
-            in_seg = (it - s * cps) * BLOCK_N + offs_n          # chunk it - s * cps of s
-            rows = s * seg + in_seg
-            valid = (in_seg < seg) & (rows < n)
-            rows64 = rows.to(tl.int64)
-            hb = tl.load(k_base + rows64[:, None] * stride_kn + offs_bc[None, :],
+            # chunk it - s * cps of segment s: rows row0 + offs_n, the first `lim` of them valid
+            # (scalar bases, 32-bit offsets within the block: fewer address instructions)
+            c0 = (it - s * cps) * BLOCK_N
+            row0 = s * seg + c0
+            valid = offs_n < tl.minimum(seg - c0, n - row0)
+            rows = row0 + offs_n
+            kb = k_base + row0.to(tl.int64) * stride_kn
+            hb = tl.load(kb + offs_n[:, None] * stride_kn + offs_bc[None, :],
                          mask=valid[:, None], other=0)
-            # residual norms as [BLOCK_N, NG, NQ], each row's norms repeated per head (the same
-            # addresses: one DRAM read), so that the sum over groups stays within a thread (a
-            # [BLOCK_N, NG] tile put the groups across lanes: ~100 shuffles per block)
-            e = tl.load(e_base + (rows64[:, None] * NG + offs_g[None, :])[:, :, None]
-                        + offs_q[None, None, :] * 0, mask=valid[:, None, None],
-                        other=0.0).to(tl.float32)
+            # residual norms as [BLOCK_N, NG, 1] (broadcast over the heads after the load), so
+            # that the sum over groups stays within a thread (a [BLOCK_N, NG] tile put the
+            # groups across lanes: ~100 shuffles per block)
+            e = tl.load(e_base + row0.to(tl.int64) * NG
+                        + (offs_n[:, None] * NG + offs_g[None, :])[:, :, None],
+                        mask=valid[:, None, None], other=0.0).to(tl.float32)
             # ---- coarse stage: residual terms + coarse field, all heads ----
             et = tl.sum(e * qng[None, :, :], axis=1)
             a = _combine(_field_dot(hb, qmc, CB, BLOCK_N, NBC, PACKED), BLOCK_N, NQ)  # c . qi
@@ -391,7 +403,7 @@ def _quant_filter_kernel(
             # survivor": at realistic candidate fractions nearly every block has one, and the
             # masked load moves no bytes for the other rows) ----
             if FB > 0:
-                lb = tl.load(k_base + rows64[:, None] * stride_kn + NBC
+                lb = tl.load(kb + offs_n[:, None] * stride_kn + NBC
                              + tl.arange(0, NBF)[None, :], mask=surv[:, None], other=0)
                 # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
                 a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF, PACKED), BLOCK_N,
@@ -420,7 +432,7 @@ def _quant_filter_kernel(
             if cnt > 0:
                 start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
                 slot = start + tl.cumsum(ci, axis=0) - ci
-                tl.store(c_base + slot, rows, mask=cand & (slot < cap_out))
+                tl.store(c_base + slot, rows, mask=(ci > 0) & (slot < cap_out))
             it += 1
 
     if EARLY:
@@ -524,7 +536,7 @@ def quant_filter(
     pruned_lse: torch.Tensor | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     maxnreg: int | None = None,
     early: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -562,7 +574,9 @@ def quant_filter(
             None).
         num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
             per block, warps per program, register cap per thread); the defaults fill the
-            device (maxnreg: 128 where that does not spill, G <= 4 and D <= 128).
+            device (maxnreg: 128 where that does not spill, G <= 4 and D <= 128; for D = 128
+            programs of one warp walking 32-key blocks, else of four warps and 128-key
+            blocks: see the module docstring, Work decomposition).
         early: with programmatic dependent launch (_launch.pdl_launch), start before the
             kernel launched just before this one completes: each program reads q, the
             records and num_indexed and computes its first block's coarse dot, and waits for
@@ -654,7 +668,8 @@ def quant_filter(
         seg, stride_lh, stride_ls = 0, lo.stride(0), 0
     if num_splits is not None:
         check_int("num_splits", num_splits, 1, 1 << 20)
-    if not (isinstance(num_warps, int) and num_warps in (1, 2, 4, 8, 16)):
+    if num_warps is not None and not (isinstance(num_warps, int)
+                                      and num_warps in (1, 2, 4, 8, 16)):
         raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {num_warps!r}")
     if maxnreg is not None:
         check_int("maxnreg", maxnreg, 32, 255)
@@ -671,18 +686,28 @@ def quant_filter(
     cap_out = min(cap, cand_pos.shape[1])
 
     # ---- plan (host-known quantities only) ----
+    nq = max(4, next_pow2(g))
+    one_warp = (block_n is None and num_warps is None and maxnreg is None and nq <= 4
+                and d == 128)
+    if one_warp:
+        block_n, num_warps = min(32, _block_n(None, seg if segmented else None)), 1
+    num_warps = 4 if num_warps is None else num_warps
     bn = _block_n(block_n, seg if segmented else None)
     if segmented:
         blocks_max = max(1, triton.cdiv(n_max, seg) * triton.cdiv(seg, bn))
     else:
         blocks_max = max(1, triton.cdiv(n_max, bn))
-    nq = max(4, next_pow2(g))
     if maxnreg is None and nq <= 4 and d <= 128:
         # 128 registers (4 programs per SM instead of 2-3) without spills for these shapes
         # (ptxas, sm_90); larger NQ or D spill. Measured on an H200, 32/8/128 at 128k keys:
         # 112 -> 92 us; 9/3/64: 47 -> 43 us
         maxnreg = 128
-    if num_splits is None:
+    if num_splits is None and one_warp:
+        # one-warp programs: 16 per SM (the register file at 128 registers), at least 2
+        # blocks each (see the module docstring, Work decomposition)
+        num_splits = max(1, min(triton.cdiv(16 * num_sms(device), hkv),
+                                triton.cdiv(blocks_max, 2)))
+    elif num_splits is None:
         # about one wave of resident programs, at most 8 blocks each (more programs than fit
         # hide more latency on long ranges), at least 2 blocks each (measured on an H200 at
         # 4k-128k keys)
