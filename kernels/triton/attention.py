@@ -444,7 +444,7 @@ _COUNTERS = CounterPool()  # per-KV-head arrival tickets
 
 
 @functools.lru_cache(maxsize=256)
-def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
+def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int, num_warps: int = 4
             ) -> tuple[int, int, int, int, int]:
     """(BLOCK_N, R, CK, CV, num_warps) for one program's tiles.
 
@@ -453,11 +453,11 @@ def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
     registers. Threads per row (td) trade shuffles (log2 td levels per dot product, and the
     per-(key, head) softmax work replicated td times) against the registers that hold q
     (G * D / td floats per thread): the smallest td that keeps those at <= 64, at least 4.
-    R = (32 / td) * num_warps row lanes; BLOCK_N = 2 R rows (>= 32), i.e. >= 2 rows per thread.
+    R = (32 / td) * num_warps row lanes; BLOCK_N = 2 R rows (>= 32 with 4 warps), i.e. >= 2 rows
+    per thread.
     Measured on an H200 (float16, G = 3 / D = 64 and G = 4 / D = 128): td = 4 and 8 with these
     BLOCK_N were the fastest of td in {4, 8, 16}, BLOCK_N in {R, 2R, 4R}, 4 or 8 warps.
     """
-    num_warps = 4
     vk, vv = 16 // k_bytes, 16 // v_bytes
     td = 4
     while td < 32 and g * d > 64 * td:
@@ -466,7 +466,7 @@ def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int
     ck = vk * td
     cv = min(dv, vv * td)
     r = (32 // td) * num_warps
-    block_n = max(2 * r, 32)
+    block_n = max(2 * r, 32) if num_warps >= 4 else 2 * r
     return block_n, r, ck, cv, num_warps
 
 
@@ -490,8 +490,9 @@ def sparse_attention(
     num_candidates: torch.Tensor | None = None,
     num_splits: int | None = None,
     min_blocks: int | None = None,
-    grid_per_sm: int = 2,
+    grid_per_sm: int | None = None,
     merge_group: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thresholded attention over candidates plus the recent buffer, for one decode step.
 
@@ -540,14 +541,21 @@ def sparse_attention(
             ``bench_attention_gpu --split-sweep``): 2 took 0.84-0.96x the time of 4 for
             9/3/64 (G * D = 192), and 0.84-1.12x for 32/8/128 (faster at 4k, slower at 32k);
             1 was faster in some of these cases and slower in others, 8 slower in all.
-        grid_per_sm: see num_splits. The kernel needs ~255 registers per thread (two
-            programs per SM), and 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8}
-            on an H200 (synthetic, every candidate attended, 128k keys, 3-30 % candidates:
-            e.g. 32/8/128 at 10 %: 52 against 71 us for 4 per SM; before the heads shared
-            the grid, 4 per SM had been faster on real, skewed queries).
+        grid_per_sm: see num_splits; default: 8 warps per SM (8 // num_warps programs). The
+            kernel needs ~255 registers per thread (8 resident warps per SM); with four-warp
+            programs 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8} on an H200
+            (synthetic, every candidate attended, 128k keys, 3-30 % candidates: e.g. 32/8/128
+            at 10 %: 52 against 71 us for 4 per SM; before the heads shared the grid, 4 per
+            SM had been faster on real, skewed queries).
         merge_group: programs per group of the two-level merge (a KV head with more programs
             merges them in groups first); default: as many partials as one merge step loads
-            (8192 / (G_P * Dv)).
+            (2048 num_warps / (G_P * Dv)).
+        num_warps: warps per program (1, 2 or 4; a block has 2 rows per row lane, at least
+            32 rows with 4 warps). Default: 2 where G * D > 256, else 4. Measured on an H200
+            inside the captured decode step (real keys, eps 1e-3, 8 warps per SM): 32/8/128
+            at 8k / 32k / 128k keys 42.7 / 62.7 / 101.8 us per step with 4 warps, 39.9 / 56.8
+            / 98.7 with 2, 37.5 / 62.1 / 114.4 with 1; 9/3/64 27.6 / 31.0 / 49.3 with 4, 26.8
+            / 31.9 / 46.9 with 2 (mixed: 4 stays).
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -599,6 +607,12 @@ def sparse_attention(
     g = hq // hkv
     if min_blocks is None:
         min_blocks = 2 if g * d <= 256 else 4
+    if num_warps is None:
+        num_warps = 4 if g * d <= 256 else 2
+    if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4):
+        raise ValueError(f"num_warps must be 1, 2 or 4, got {num_warps!r}")
+    if grid_per_sm is None:
+        grid_per_sm = 8 // num_warps
     for name, v in (("min_blocks", min_blocks), ("grid_per_sm", grid_per_sm),
                     ("merge_group", 1 if merge_group is None else merge_group)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -618,7 +632,7 @@ def sparse_attention(
 
     # ---- plan (host-known quantities only) ----
     block_n, lanes, ck, cv, num_warps = _config(g, d, dv, keys.element_size(),
-                                                values.element_size())
+                                                values.element_size(), num_warps)
     if bs_t is None and be_t is None:
         buf_max = be - bs
     else:
@@ -636,7 +650,7 @@ def sparse_attention(
                             dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, hkv + n_prog)
     g_p = next_pow2(g)
-    split_chunk = max(1, 8192 // (g_p * dv))
+    split_chunk = max(1, 2048 * num_warps // (g_p * dv))
     pdl = pdl_launch(device)
 
     _sparse_attention_kernel[(n_prog,)](
