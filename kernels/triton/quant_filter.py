@@ -75,10 +75,10 @@ through shared memory at every block: the loop body went from 901 to 694 SASS in
 32/8/128, the filter ~4 % faster on an H200 at 128k keys). Per block it bounds the
 coarse fields and the residual norms (a [BLOCK_N, NG, 1] tile broadcast over the heads, so that
 the sum over groups stays within a thread) of all heads (one int8 dot per coarse plane), then
-loads the fine fields of the survivors
-(masked loads move no bytes for the other rows) and computes the full bounds (one more dot per
-fine plane). No software pipeline in registers: carrying the next block's code bytes across the
-loop made Triton unpack and repack them byte by byte, and did not hide latency (measured).
+loads the fine fields of the survivors (masked loads move no bytes for the other rows) and
+computes the full bounds (one more dot per fine plane). No software pipeline in registers:
+carrying the next block's code bytes across the loop made Triton unpack and repack them byte by
+byte, and did not hide latency (measured).
 
 Where the time goes (H200, 32/8/128, 128k keys, ~80 us with four-warp programs; hardware
 counters and sweeps): the kernel is latency-bound at low occupancy: 0.46 instructions issued
@@ -371,8 +371,9 @@ def _quant_filter_kernel(
         sig_c = sigma * SHIFT
         seg_end = tl.minimum(item_hi, (s + 1) * cps)
         while it < seg_end:
-            # chunk it - s * cps of segment s: rows row0 + offs_n, the first `lim` of them valid
-            # (scalar bases, 32-bit offsets within the block: fewer address instructions)
+            # chunk it - s * cps of segment s: rows row0 + offs_n, valid below the segment's and
+            # the index's ends (scalar bases, 32-bit offsets within the block: fewer address
+            # instructions)
             c0 = (it - s * cps) * BLOCK_N
             row0 = s * seg + c0
             valid = offs_n < tl.minimum(seg - c0, n - row0)

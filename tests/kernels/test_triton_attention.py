@@ -202,6 +202,25 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     _check_below(below, want, seed)
 
 
+@pytest.mark.parametrize("num_warps,grid_per_sm", [(1, 3), (2, 1), (4, 2)])
+def test_launch_shapes(num_warps: int, grid_per_sm: int) -> None:
+    """The same outputs from programs of 1, 2 and 4 warps (blocks of 2 rows per row lane: 8, 16
+    and 32 rows here), many blocks per program and merges over many partials."""
+    gen, seed = gen_seed()
+    hkv, g = 2, 4
+    hq = hkv * g
+    n_idx = 200 if not CUDA else 20000
+    q, keys, values, cand_pos, cand_count, cand, tau, bs, be = _sparse_inputs(
+        gen, hkv, g, n_idx, 40, [n_idx // 2, n_idx // 5])
+    tau[2] = -math.inf
+    below = _poisoned_below(hq)
+    got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
+                           cand_count=cand_count, buffer_start=bs, buffer_end=be,
+                           num_warps=num_warps, grid_per_sm=grid_per_sm, below_lse=below)
+    check(got, _reference(q, keys, values, tau, 0.125, cand, bs, be), seed)
+    _check_below(below, _reference_below(q, keys, tau, 0.125, cand), seed)
+
+
 @pytest.mark.parametrize("hkv,num_splits,min_blocks,merge_group",
                          [(4, 1, 4, None), (4, 4, 4, None), (4, 4, 1, None), (3, 4, 1, None),
                           (4, 4, 1, 2), (3, 4, 1, 3)])
@@ -567,6 +586,8 @@ def _valid_args() -> dict:
     (dict(min_blocks=0), "min_blocks"),
     (dict(merge_group=0), "merge_group"),
     (dict(grid_per_sm=True), "grid_per_sm"),
+    (dict(num_warps=3), "num_warps"),
+    (dict(num_warps=True), "num_warps"),
     (dict(buffer_end=torch.zeros(2, dtype=torch.int32)), "one int32/int64 element"),
 ])
 def test_validation(change: dict, match: str) -> None:
