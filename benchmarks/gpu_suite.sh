@@ -3,7 +3,10 @@
 # (bench_gpu, bench_back_to_back), the backends' comparison (bench_backends) and the cost of
 # a new process's first steps (bench_cold_start).
 #
-#   OUT=results-dir CAPTURE=real_l20_64k.pt bash benchmarks/gpu_suite.sh [tests|bench|all]
+#   OUT=results-dir CAPTURE=real_l20_64k.pt bash benchmarks/gpu_suite.sh [tests|bench|all|shapes]
+#
+# shapes (not part of all): the launch shapes of the filter and the sparse attention inside the
+# captured step (bench_launch_shapes), what the launchers' defaults were chosen by.
 #
 # Runs from a source tree without installing the package (only torch, triton, pytest and
 # hypothesis are needed): louver_kernels is made importable through a symlink to kernels/.
@@ -40,5 +43,10 @@ if [[ $what == bench || $what == all ]]; then
     python3 -m benchmarks.bench_cold_start --out "$OUT/bench_cold_start.json" 2>&1 \
         | tee "$OUT/bench_cold_start.log"
     rc=$(( rc | PIPESTATUS[0] ))
+fi
+if [[ $what == shapes ]]; then
+    python3 -m benchmarks.bench_launch_shapes --capture "$CAPTURE" \
+        --out "$OUT/bench_launch_shapes.json" 2>&1 | tee "$OUT/bench_launch_shapes.log"
+    rc=${PIPESTATUS[0]}
 fi
 exit $rc
