@@ -6,7 +6,8 @@ stand-in kernel that records the launch instead of running it, so the arguments,
 options are exactly the launcher's. The launch is then compiled for sm_90 with Triton's own
 toolchain (its bundled ptxas, nvdisasm and cuobjdump) and the SASS summarized. Every loop is a
 backward branch in the SASS; its body's instruction count is what one iteration issues per warp.
-With ``--lines``, the body of the largest innermost loop is broken down by source line.
+With ``--lines``, the body of the largest innermost loop is broken down by source line (with
+each line's opcodes: where a loop spends its instructions, e.g. conversions or shuffles).
 
 Not under Triton's interpreter (TRITON_INTERPRET must be unset: the kernels must be JIT
 functions).
@@ -124,6 +125,7 @@ class Report:
     loops: list[dict[str, int]] = field(default_factory=list)   # start, end, instructions
     opcodes: dict[str, int] = field(default_factory=dict)
     lines: dict[str, int] = field(default_factory=dict)   # largest innermost loop, per line
+    line_opcodes: dict[str, dict[str, int]] = field(default_factory=dict)   # the same, by opcode
 
 
 def _tool(name: str, *args: str) -> str:
@@ -165,19 +167,27 @@ def analyze(compiled: Any, lines: bool = False) -> Report:
         if m and labels.get(m.group(1), len(instrs)) <= i:
             start = labels[m.group(1)]
             loops.append({"start": start, "end": i, "instructions": i - start + 1})
-    opcodes = collections.Counter(
-        re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for _, text in instrs)
+    def opcode(text: str) -> str:
+        return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+
+    opcodes = collections.Counter(opcode(text) for _, text in instrs)
     per_line: dict[str, int] = {}
+    line_opcodes: dict[str, dict[str, int]] = {}
     innermost = [lp for lp in loops if not any(
         o is not lp and lp["start"] <= o["start"] and o["end"] <= lp["end"] for o in loops)]
     if lines and innermost:
         big = max(innermost, key=lambda lp: lp["instructions"])
-        per_line = dict(collections.Counter(
-            w for w, _ in instrs[big["start"]: big["end"] + 1]).most_common())
+        body = instrs[big["start"]: big["end"] + 1]
+        per_line = dict(collections.Counter(w for w, _ in body).most_common())
+        by_line: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter)
+        for w, text in body:
+            by_line[w][opcode(text)] += 1
+        line_opcodes = {w: dict(by_line[w].most_common()) for w in per_line}
     return Report(registers=usage_of("REG"), stack_bytes=usage_of("STACK"),
                   local_bytes=usage_of("LOCAL"), shared_bytes=compiled.metadata.shared,
                   instructions=len(instrs), loops=loops, opcodes=dict(opcodes.most_common()),
-                  lines=per_line)
+                  lines=per_line, line_opcodes=line_opcodes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,7 +267,8 @@ def main() -> None:
         print(f"  loop [{lp['start']}, {lp['end']}]: {lp['instructions']} instructions")
     print("  opcodes:", ", ".join(f"{k} {v}" for k, v in list(report.opcodes.items())[:16]))
     for where, count in list(report.lines.items())[:30]:
-        print(f"  {count:5d}  {where}")
+        ops = ", ".join(f"{k} {v}" for k, v in list(report.line_opcodes[where].items())[:6])
+        print(f"  {count:5d}  {where:28s} {ops}")
 
 
 if __name__ == "__main__":
