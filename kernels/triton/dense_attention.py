@@ -74,6 +74,19 @@ def _dot(a, b, PREC: tl.constexpr, DOT_F32: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k, PREC: tl.constexpr, DOT_F32: tl.constexpr):
+    """q @ k^T [M, BLOCK_N] with float32 accumulation. The P split needs a head's two rows to
+    get bitwise-equal scores (hi(p) from one row and lo(p) from the other add up to p only
+    when both rows hold the same p): true of the tensor cores, which run one instruction
+    sequence for every element; the interpreter's matmul (BLAS) rounds rows differently by
+    their place in its tiles, so there the products are summed row by row instead."""
+    if DOT_F32:
+        return tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+    else:
+        return tl.dot(q, tl.trans(k), input_precision=PREC)
+
+
+@triton.jit
 def _dense_block(q_hi, q_lo, k_base, v_base, start, end, m_i, l_i, acc, C, lo_row,
                  offs_n, offs_d, offs_dv, stride_kn, stride_vn,
                  Q_SPLIT: tl.constexpr, P_SPLIT: tl.constexpr, PREC: tl.constexpr,
@@ -84,9 +97,9 @@ def _dense_block(q_hi, q_lo, k_base, v_base, start, end, m_i, l_i, acc, C, lo_ro
     pos = offs.to(tl.int64)
     k = tl.load(k_base + pos[:, None] * stride_kn + offs_d[None, :], mask=ok[:, None],
                 other=0.0)
-    s = _dot(q_hi, tl.trans(k), PREC, DOT_F32)                              # [M, BLOCK_N]
+    s = _scores(q_hi, k, PREC, DOT_F32)                                     # [M, BLOCK_N]
     if Q_SPLIT:
-        s += _dot(q_lo, tl.trans(k), PREC, DOT_F32)
+        s += _scores(q_lo, k, PREC, DOT_F32)
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
