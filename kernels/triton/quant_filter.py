@@ -370,13 +370,16 @@ def _quant_filter_kernel(
                                            tl.load(lo_ptr + r_row), HALF, CB, NBC, FB, NBF)
         sig_c = sigma * SHIFT
         seg_end = tl.minimum(item_hi, (s + 1) * cps)
+        # chunk it - s * cps of segment s: rows row0 + offs_n, valid below the segment's and the
+        # index's ends (scalar bases, 32-bit offsets within the block: fewer address
+        # instructions). The next chunk's mask is computed at the end of each iteration, so
+        # that its loads issue at the top of the next (measured on an H200: 32/8/128 at 32k /
+        # 128k keys, prologue + filter 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 at 128k 29.5 ->
+        # 30.1)
+        c0 = (it - s * cps) * BLOCK_N
+        row0 = s * seg + c0
+        valid = offs_n < tl.minimum(seg - c0, n - row0)
         while it < seg_end:
-            # chunk it - s * cps of segment s: rows row0 + offs_n, valid below the segment's and
-            # the index's ends (scalar bases, 32-bit offsets within the block: fewer address
-            # instructions)
-            c0 = (it - s * cps) * BLOCK_N
-            row0 = s * seg + c0
-            valid = offs_n < tl.minimum(seg - c0, n - row0)
             rows = row0 + offs_n
             kb = k_base + row0.to(tl.int64) * stride_kn
             hb = tl.load(kb + offs_n[:, None] * stride_kn + offs_bc[None, :],
@@ -434,6 +437,9 @@ def _quant_filter_kernel(
                 start = tl.atomic_add(counter_ptr + kh, cnt, sem="relaxed", scope="gpu")
                 slot = start + tl.cumsum(ci, axis=0) - ci
                 tl.store(c_base + slot, rows, mask=(ci > 0) & (slot < cap_out))
+            c0 += BLOCK_N
+            row0 += BLOCK_N
+            valid = offs_n < tl.minimum(seg - c0, n - row0)
             it += 1
 
     if EARLY:
