@@ -101,6 +101,15 @@ wait for each other. Measured on an H200 inside the captured decode step (real k
 1e-3): 32/8/128 at 8k / 32k / 128k keys, prologue + filter 19.1 / 32.6 / 81.6 -> 18.0 / 31.2 /
 71.1 us; for 9/3/64 it was no faster (16.3 -> 18.1 us at 32k, equal at 128k), so D = 64 keeps
 four-warp programs of 128-key blocks, about one wave of them, at most 8 blocks each.
+One-warp programs load every row's fine field together with its coarse field (one memory round
+trip per block instead of two dependent ones, for 32 more bytes per key at D = 128); four-warp
+programs load only the survivors' (the same A/B, prologue + filter: 32/8/128 at 32k / 128k
+29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with its four-warp programs 30.2 -> 31.0 at 128k, so
+not there). Both shapes compute the next block's mask at the end of an iteration, so that its
+loads issue at once (32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
+software pipeline (the next block's coarse records loaded with this block's fine fields, the
+compaction's store one block later) was slower (32/8/128 at 128k: 71.3 against 66.1 us; 9/3/64
+33.4 against 30.5).
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
@@ -302,7 +311,7 @@ def _quant_filter_kernel(
     G: tl.constexpr, D: tl.constexpr, NQ: tl.constexpr, NG: tl.constexpr, GRP: tl.constexpr,
     CB: tl.constexpr, FB: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT_CHUNK: tl.constexpr, N_ON_DEVICE: tl.constexpr, SEGMENTED: tl.constexpr,
-    PACKED: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    PACKED: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr, FINE_FIRST: tl.constexpr,
 ):
     if EARLY:
         # only let the next kernel launch: the wait for the previous one (which writes tau and
@@ -384,6 +393,10 @@ def _quant_filter_kernel(
             kb = k_base + row0.to(tl.int64) * stride_kn
             hb = tl.load(kb + offs_n[:, None] * stride_kn + offs_bc[None, :],
                          mask=valid[:, None], other=0)
+            if FB > 0 and FINE_FIRST:
+                # every row's fine field, with the coarse one: one memory round trip per block
+                lb = tl.load(kb + offs_n[:, None] * stride_kn + NBC
+                             + tl.arange(0, NBF)[None, :], mask=valid[:, None], other=0)
             # residual norms as [BLOCK_N, NG, 1] (broadcast over the heads after the load), so
             # that the sum over groups stays within a thread (a [BLOCK_N, NG] tile put the
             # groups across lanes: ~100 shuffles per block)
@@ -407,8 +420,9 @@ def _quant_filter_kernel(
             # survivor": at realistic candidate fractions nearly every block has one, and the
             # masked load moves no bytes for the other rows) ----
             if FB > 0:
-                lb = tl.load(kb + offs_n[:, None] * stride_kn + NBC
-                             + tl.arange(0, NBF)[None, :], mask=surv[:, None], other=0)
+                if not FINE_FIRST:
+                    lb = tl.load(kb + offs_n[:, None] * stride_kn + NBC
+                                 + tl.arange(0, NBF)[None, :], mask=surv[:, None], other=0)
                 # (t << FB | u) . qi = 2^FB (t . qi) + u . qi, exact in int32
                 a2 = a * SHIFT + _combine(_field_dot(lb, qmf, FB, BLOCK_N, NBF, PACKED), BLOCK_N,
                                           NQ)
@@ -735,7 +749,8 @@ def quant_filter(
         HALF=((1 << fb) - 1) / 2.0, BLOCK_N=bn,
         SPLIT_CHUNK=_MERGE_CHUNK,
         N_ON_DEVICE=n_tensor is not None, SEGMENTED=segmented, PACKED=not _INTERPRETED,
-        PDL=bool(pdl), EARLY=bool(pdl) and early, num_warps=num_warps, num_stages=1,
+        PDL=bool(pdl), EARLY=bool(pdl) and early, FINE_FIRST=num_warps == 1,
+        num_warps=num_warps, num_stages=1,
         **({"maxnreg": maxnreg} if maxnreg else {}), **pdl,
     )
     return cand_pos, cand_count, pruned_lse
