@@ -555,7 +555,11 @@ def sparse_attention(
             inside the captured decode step (real keys, eps 1e-3, 8 warps per SM): 32/8/128
             at 8k / 32k / 128k keys 42.7 / 62.7 / 101.8 us per step with 4 warps, 39.9 / 56.8
             / 98.7 with 2, 37.5 / 62.1 / 114.4 with 1; 9/3/64 27.6 / 31.0 / 49.3 with 4, 26.8
-            / 31.9 / 46.9 with 2 (mixed: 4 stays).
+            / 31.9 / 46.9 with 2 (mixed: 4 stays). One warp was the fastest at <= 8k keys
+            (32/8/128 at 4k / 8k: 34.1 / 36.4 against 35.2 / 39.2 us; 9/3/64 ~1 us less), but
+            a default keyed to the capacity would compile a second kernel when a session's
+            cache grows past it (a stall of a decode step; test_index_triton checks that
+            nothing recompiles), so it is not the default.
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)

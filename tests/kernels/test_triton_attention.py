@@ -165,16 +165,16 @@ def test_sparse_matches_reference(dtype: torch.dtype, dims: tuple[int, int], gro
 
 
 def _sparse_inputs(gen: torch.Generator, hkv: int, g: int, n_idx: int, n_buf: int,
-                   counts: list[int]) -> tuple[Any, ...]:
-    """fp16 keys/values (D = Dv = 64) of n_idx indexed positions and an n_buf-key buffer,
+                   counts: list[int], d: int = 64, dtype: torch.dtype = torch.float16
+                   ) -> tuple[Any, ...]:
+    """Keys/values (D = Dv = d) of n_idx indexed positions and an n_buf-key buffer,
     queries, candidate lists of ``counts`` entries per KV head and a tau per query head in a
     score gap near the median of its candidates: (q, keys, values, cand_pos, cand_count,
     cand, tau, buffer_start, buffer_end)."""
-    d = 64
     bs, be = n_idx, n_idx + n_buf
-    keys = storage(hkv, be, be, d, torch.float16, gen)
-    values = storage(hkv, be, be, d, torch.float16, gen)
-    q = make_q(hkv * g, d, torch.float16, gen)
+    keys = storage(hkv, be, be, d, dtype, gen)
+    values = storage(hkv, be, be, d, dtype, gen)
+    q = make_q(hkv * g, d, dtype, gen)
     cand_pos, cand_count, cand = _candidates(hkv, bs, counts, n_idx, gen)
     s = ref.scores(q.cpu(), keys.cpu())
     tau = torch.tensor([_tau_in_gap(s[h, cand[h // g].long()], 0.5) for h in range(hkv * g)])
@@ -202,16 +202,18 @@ def test_many_blocks_and_splits(num_splits: int, min_blocks: int) -> None:
     _check_below(below, want, seed)
 
 
+@pytest.mark.parametrize("d,dtype", [(64, torch.float16), (128, torch.bfloat16)],
+                         ids=["d64-float16", "d128-bfloat16"])
 @pytest.mark.parametrize("num_warps,grid_per_sm", [(1, 3), (2, 1), (4, 2)])
-def test_launch_shapes(num_warps: int, grid_per_sm: int) -> None:
-    """The same outputs from programs of 1, 2 and 4 warps (blocks of 2 rows per row lane: 8, 16
-    and 32 rows here), many blocks per program and merges over many partials."""
+def test_launch_shapes(num_warps: int, grid_per_sm: int, d: int, dtype: torch.dtype) -> None:
+    """The same outputs from programs of 1, 2 and 4 warps (blocks of 2 rows per row lane),
+    many blocks per program and merges over many partials, at both head dims."""
     gen, seed = gen_seed()
     hkv, g = 2, 4
     hq = hkv * g
     n_idx = 200 if not CUDA else 20000
     q, keys, values, cand_pos, cand_count, cand, tau, bs, be = _sparse_inputs(
-        gen, hkv, g, n_idx, 40, [n_idx // 2, n_idx // 5])
+        gen, hkv, g, n_idx, 40, [n_idx // 2, n_idx // 5], d, dtype)
     tau[2] = -math.inf
     below = _poisoned_below(hq)
     got = sparse_attention(q, keys, values, tau.to(DEVICE), scale=0.125, cand_pos=cand_pos,
