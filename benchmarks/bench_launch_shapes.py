@@ -34,6 +34,7 @@ from benchmarks.gpu_common import capture_args, repeated_kv
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton._launch import num_sms
 from louver_kernels.triton.decode import CapturedStep
+from louver_kernels.triton.quant_filter import split_count
 
 QUERIES = 6
 ROUNDS = 2
@@ -42,12 +43,7 @@ ROUNDS = 2
 def filter_variants(hkv: int, n: int, sms: int) -> dict[str, dict[str, int]]:
     """Launch parameters of the filter: name -> quant_filter keyword arguments."""
     def splits(per_sm: int, block_n: int, max_blocks: int | None = None) -> int:
-        """per_sm programs per SM, at least 2 blocks each (at most max_blocks: more)."""
-        blocks = -(-n // block_n)
-        wave = -(-per_sm * sms // hkv)
-        if max_blocks is not None:
-            wave = max(wave, -(-blocks // max_blocks))
-        return max(1, min(wave, -(-blocks // 2)))
+        return split_count(-(-n // block_n), hkv, per_sm, sms, max_blocks)
 
     return {"default": {},
             "w1_bn32_16sm": {"num_warps": 1, "block_n": 32, "num_splits": splits(16, 32)},

@@ -514,6 +514,17 @@ def _block_n(block_n: int | None, seg: int | None) -> int:
     return block_n
 
 
+def split_count(blocks: int, hkv: int, per_sm: int, sms: int, max_blocks: int | None = None
+                ) -> int:
+    """Programs per KV head for ``blocks`` blocks per head: per_sm programs per SM over the
+    Hkv heads (more where a program would walk more than max_blocks blocks), at least 2
+    blocks each, at least one program. The launcher's default; tuning sweeps use it too."""
+    wave = triton.cdiv(per_sm * sms, hkv)
+    if max_blocks is not None:
+        wave = max(wave, triton.cdiv(blocks, max_blocks))
+    return max(1, min(wave, triton.cdiv(blocks, 2)))
+
+
 def _check_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -726,15 +737,13 @@ def quant_filter(
     if num_splits is None and one_warp:
         # one-warp programs: 16 per SM (the register file at 128 registers), at least 2
         # blocks each (see the module docstring, Work decomposition)
-        num_splits = max(1, min(triton.cdiv(16 * num_sms(device), hkv),
-                                triton.cdiv(blocks_max, 2)))
+        num_splits = split_count(blocks_max, hkv, 16, num_sms(device))
     elif num_splits is None:
         # about one wave of resident programs, at most 8 blocks each (more programs than fit
         # hide more latency on long ranges), at least 2 blocks each (measured on an H200 at
         # 4k-128k keys)
         per_sm = 4 if maxnreg is not None and maxnreg <= 128 else 2
-        num_splits = max(1, min(max(triton.cdiv(per_sm * num_sms(device), hkv),
-                                    triton.cdiv(blocks_max, 8)), triton.cdiv(blocks_max, 2)))
+        num_splits = split_count(blocks_max, hkv, per_sm, num_sms(device), max_blocks=8)
     ws = torch.empty(hkv * num_splits * 2 * g, dtype=torch.float32, device=device)
     counters = _COUNTERS.get(device, 2 * hkv)
     pdl = pdl_launch(device)
