@@ -103,10 +103,11 @@ wait for each other. Measured on an H200 inside the captured decode step (real k
 four-warp programs of 128-key blocks, about one wave of them, at most 8 blocks each.
 One-warp programs load every row's fine field together with its coarse field (one memory round
 trip per block instead of two dependent ones, for 32 more bytes per key at D = 128); four-warp
-programs load only the survivors' (the same A/B, prologue + filter: 32/8/128 at 32k / 128k
-29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with its four-warp programs 30.2 -> 31.0 at 128k, so
-not there). Both shapes compute the next block's mask at the end of an iteration, so that its
-loads issue at once (32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
+programs load only the survivors' (A/B on an H200, prologue + filter in the captured step,
+alternating processes: 32/8/128 at 32k / 128k 29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with its
+four-warp programs 30.2 -> 31.0 at 128k, so not there). Both shapes compute the next block's
+mask at the end of an iteration, so that its loads issue at once (the same kind of A/B:
+32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
 software pipeline (the next block's coarse records loaded with this block's fine fields, the
 compaction's store one block later) was slower (32/8/128 at 128k: 71.3 against 66.1 us; 9/3/64
 33.4 against 30.5).
@@ -382,9 +383,7 @@ def _quant_filter_kernel(
         # chunk it - s * cps of segment s: rows row0 + offs_n, valid below the segment's and the
         # index's ends (scalar bases, 32-bit offsets within the block: fewer address
         # instructions). The next chunk's mask is computed at the end of each iteration, so
-        # that its loads issue at the top of the next (measured on an H200: 32/8/128 at 32k /
-        # 128k keys, prologue + filter 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 at 128k 29.5 ->
-        # 30.1)
+        # that its loads issue at the top of the next (see the module docstring, Launch shape)
         c0 = (it - s * cps) * BLOCK_N
         row0 = s * seg + c0
         valid = offs_n < tl.minimum(seg - c0, n - row0)
