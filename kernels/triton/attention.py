@@ -445,8 +445,8 @@ _COUNTERS = CounterPool()  # per-KV-head arrival tickets
 
 @functools.lru_cache(maxsize=256)
 def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int, num_warps: int = 4
-            ) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, R, CK, CV, num_warps) for one program's tiles.
+            ) -> tuple[int, int, int, int]:
+    """(BLOCK_N, R, CK, CV) for one program's tiles of num_warps warps.
 
     A [BLOCK_N, D/CK, CK] tile gets Triton's coalesced layout: 16-byte vectors along CK, CK/vec
     threads per row, the warp's other threads and the warps along rows, the D/CK chunks in
@@ -467,7 +467,7 @@ def _config(g: int, d: int, dv: int, k_bytes: int, v_bytes: int, num_warps: int 
     cv = min(dv, vv * td)
     r = (32 // td) * num_warps
     block_n = max(2 * r, 32) if num_warps >= 4 else 2 * r
-    return block_n, r, ck, cv, num_warps
+    return block_n, r, ck, cv
 
 
 def sparse_attention(
@@ -635,8 +635,8 @@ def sparse_attention(
         check_out("num_candidates", num_candidates, (hq,), (torch.int64,), dev_id)
 
     # ---- plan (host-known quantities only) ----
-    block_n, lanes, ck, cv, num_warps = _config(g, d, dv, keys.element_size(),
-                                                values.element_size(), num_warps)
+    block_n, lanes, ck, cv = _config(g, d, dv, keys.element_size(), values.element_size(),
+                                     num_warps)
     if bs_t is None and be_t is None:
         buf_max = be - bs
     else:
