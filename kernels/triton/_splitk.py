@@ -98,10 +98,12 @@ def store_partial(ws_ml_ptr, ws_acc_ptr, ws_cnt_ptr, ws_bl_ptr, slot, m, l_sum, 
 
 @triton.jit
 def store_outputs(out_ptr, lse_ptr, natt_ptr, qh, g_ok, m_tot, l_tot, o_tot, n_tot, scale,
-                  DV: tl.constexpr):
+                  DV: tl.constexpr, col0=0, W: tl.constexpr = 0):
     """A merged head set's outputs: out = acc / l (0 where nothing was attended), lse =
-    m * scale + log(l) (-inf there), the attended count; returns lse."""
-    offs_dv = tl.arange(0, DV)
+    m * scale + log(l) (-inf there), the attended count; returns lse. o_tot holds the W
+    columns [col0, col0 + W) of out's DV (W = 0: all of them)."""
+    WIDTH: tl.constexpr = DV if W == 0 else W
+    offs_dv = col0 + tl.arange(0, WIDTH)
     has = l_tot > 0.0
     l_safe = tl.where(has, l_tot, 1.0)
     o = tl.where(has[:, None], o_tot / l_safe[:, None], 0.0)

@@ -159,6 +159,22 @@ def test_extremes(kind: str, dtype: torch.dtype) -> None:
     _check(got, q, keys, values, n, 0.125, seed)
 
 
+def test_more_partials_than_one_merge_load() -> None:
+    """More splits than a merge program reads per load (4096 / its columns): the merge's
+    online max across loads (the largest score in the last load), for every column program."""
+    gen, seed = gen_seed()
+    hkv, g, d = 1, 2, 16
+    splits = 540 if not CUDA else 5000
+    n = 16 * splits
+    k = torch.randn(hkv, n, d, generator=gen)
+    k[:, n - 3] *= 4.0
+    keys = k.to(torch.float16).to(DEVICE)
+    values = storage(hkv, n, n, d, torch.float16, gen)
+    q = make_q(hkv * g, d, torch.float16, gen)
+    got = _run(q, keys, values, n, 0.25, num_splits=splits, min_blocks=1, block_n=16)
+    _check(got, q, keys, values, n, 0.25, seed)
+
+
 def test_device_end_and_repeated_launches() -> None:
     """end as a device tensor; many launches in a row with changing end and splits leave the
     arrival counters at zero (a stale counter would merge too early)."""
