@@ -110,7 +110,14 @@ mask at the end of an iteration, so that its loads issue at once (the same kind 
 32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
 software pipeline (the next block's coarse records loaded with this block's fine fields, the
 compaction's store one block later) was slower (32/8/128 at 128k: 71.3 against 66.1 us; 9/3/64
-33.4 against 30.5).
+33.4 against 30.5), and so was deferring the store alone, with the segment's row end computed
+once instead of c0 (66.0 against 61.7 us; 9/3/64 32.0 against 30.4). The inner loop as a
+``tl.range`` under Triton's pipeliner (records copied asynchronously, 2 or 3 stages) was no
+faster (62.5 / 66.2 against 61.7 us) and, with ``early``, attended other key sets than this
+kernel (the same inputs; not investigated further, possibly the pipeliner's prologue issuing
+the first block's loads of tau and slack ahead of gdc_wait): a reason to keep the explicit
+while loops. All three A/Bs: H200, prologue + filter in the captured step, real keys, eps
+1e-3, versions in alternating processes.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
