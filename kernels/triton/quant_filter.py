@@ -114,9 +114,10 @@ compaction's store one block later) was slower (32/8/128 at 128k: 71.3 against 6
 once instead of c0 (66.0 against 61.7 us; 9/3/64 32.0 against 30.4). The inner loop as a
 ``tl.range`` under Triton's pipeliner (records copied asynchronously, 2 or 3 stages) was no
 faster (62.5 / 66.2 against 61.7 us) and, with ``early``, attended other key sets than this
-kernel (the same inputs; not investigated further, possibly the pipeliner's prologue issuing
-the first block's loads of tau and slack ahead of gdc_wait): a reason to keep the explicit
-while loops. All three A/Bs: H200, prologue + filter in the captured step, real keys, eps
+kernel on the same inputs; without ``early`` the same sets (61.1 against 62.8 us, both without
+it). So the pipeliner evidently moves the loads of tau and slack, which must follow gdc_wait,
+ahead of it (into its prologue): loads that wait for the previous kernel must not sit in a
+loop that Triton pipelines, one reason to keep the explicit while loops. All three A/Bs: H200, prologue + filter in the captured step, real keys, eps
 1e-3, versions in alternating processes.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
