@@ -29,13 +29,13 @@ see: ``end`` may be a device tensor, which makes the launch capturable in a CUDA
 most one per MIN_BLOCKS blocks of the actual end takes part. Each writes its partial (m, l,
 acc) to a workspace; a second launch merges them and writes the outputs (a merge in the
 last-arriving program of each KV head, as in the sparse attention, was serial: on an H200 it
-cost ~10 us of a 9/3/64 step at 128k keys with 176 splits per head). The merge runs
+cost ~10 us of a 9/3/64 step at 128k keys with 176 splits per head). The merge runs up to
 _MERGE_PROGRAMS programs per query head, each over a chunk of acc's columns (at least 8), so
-that one program's load covers 4096 / columns partials: every split count of the launcher's
-default (352 per head for 9/3/64 on 132 SMs) takes one round of dependent loads instead of
-six. On an H200 (float16, graph replay, one program per query head before): 9/3/64 at 8k /
-32k / 128k keys 8.5 / 15.9 / 35.4 -> 7.5 / 11.5 / 30.9 us, 32/8/128 at 8k / 128k 15.3 /
-143.1 -> 14.5 / 141.0 us.
+that one load of a program covers 4096 / columns partials: the launcher's default split
+counts on 132 SMs take one round of dependent loads for Hkv >= 3 (352 partials per head for
+9/3/64, 132 for 32/8/128) instead of up to six. On an H200 (float16, graph replay, one
+program per query head before): 9/3/64 at 8k / 32k / 128k keys 8.5 / 15.9 / 35.4 -> 7.5 /
+11.5 / 30.9 us, 32/8/128 at 8k / 128k 15.3 / 143.1 -> 14.5 / 141.0 us.
 The loop is software-pipelined by Triton (``tl.range(num_stages)``: asynchronous copies of the
 next blocks while one is computed). Launch parameters measured on an H200 (float16, 32k and
 128k keys, 9/3/64 and 32/8/128; ``benchmarks/bench_attention_gpu.py --dense-sweep``): one warp

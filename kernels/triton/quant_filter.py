@@ -117,8 +117,9 @@ faster (62.5 / 66.2 against 61.7 us) and, with ``early``, attended other key set
 kernel on the same inputs; without ``early`` the same sets (61.1 against 62.8 us, both without
 it). So the pipeliner evidently moves the loads of tau and slack, which must follow gdc_wait,
 ahead of it (into its prologue): loads that wait for the previous kernel must not sit in a
-loop that Triton pipelines, one reason to keep the explicit while loops. All three A/Bs: H200, prologue + filter in the captured step, real keys, eps
-1e-3, versions in alternating processes.
+loop that Triton pipelines, one reason to keep the explicit while loops. All three A/Bs: H200,
+prologue + filter in the captured step, real keys, eps 1e-3, versions in alternating
+processes.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
