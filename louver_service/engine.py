@@ -350,11 +350,11 @@ class Engine:
                              session.config)
             else:
                 layer.flush(session.config)
-            if layer.index is None:  # excluded by validation
-                raise FailedPrecondition(f"{job.field}: layer {job.layer} holds no keys")
-            # q's values were checked while decoding the request (finite, magnitude): the step
-            # skips the index's second check and its host synchronization; the layer moves q
-            # to the device (into the captured step's input: one copy)
+            # a layer without keys was refused by _validate_attend (LayerState.attend checks
+            # it again). q's values were checked while decoding the request (finite,
+            # magnitude): the step skips the index's second check and its host
+            # synchronization; the layer moves q to the device (into the captured step's
+            # input: one copy)
             out = layer.attend(job.q, job.policy or session.policy,
                                fallback=self.dense_fallback)
             results.append(AttendResult.from_output(out, layer.length))
