@@ -6,9 +6,10 @@ each variant passes its launch parameters to one kernel through ``CapturedStep(t
 and is timed as a graph replay (median of triton.testing.do_bench, q in place):
 
     filter      prologue + filter (``stages=2``), per variant of the filter's launch:
-                default (the launcher's choice), one-warp programs of 32-key blocks at 16 per
-                SM, two-warp programs of 64-key blocks at 8 per SM, four-warp programs of
-                128-key blocks at about one wave (the launcher's D = 64 shape)
+                default (the launcher's choice), one-warp programs of 32-key (the
+                launcher's D = 128 shape) or 64-key blocks (its D = 64 shape) at 16 per SM,
+                two-warp programs of 64-key blocks at 8 per SM, four-warp programs of 128-key
+                blocks at about one wave (its shape for other D)
     attention   the whole step, per variant of the sparse attention's launch: default,
                 1 / 2 / 4 warps per program at 8 warps per SM
 
@@ -47,6 +48,7 @@ def filter_variants(hkv: int, n: int, sms: int) -> dict[str, dict[str, int]]:
 
     return {"default": {},
             "w1_bn32_16sm": {"num_warps": 1, "block_n": 32, "num_splits": splits(16, 32)},
+            "w1_bn64_16sm": {"num_warps": 1, "block_n": 64, "num_splits": splits(16, 64)},
             "w2_bn64_8sm": {"num_warps": 2, "block_n": 64, "num_splits": splits(8, 64)},
             "w4_bn128_4sm": {"num_warps": 4, "block_n": 128, "num_splits": splits(4, 128, 8)}}
 

@@ -94,17 +94,26 @@ operands), shuffles and the CTA barriers of each block's loop body (13 of them),
 per scheduler to cover them. A flat loop over items under Triton's software pipeliner (2-4
 stages), blocks of 64-256 keys, 1-8 warps and register caps of 64-112 gained at most ~9 %.
 
-Launch shape. For D = 128 (G <= 4) the launcher runs one-warp programs walking 32-key blocks,
-16 per SM (the register file at 128 registers per thread), at least 2 blocks each: the same
-occupancy as four-warp programs, but a barrier waits for one warp only and the warps do not
-wait for each other. Measured on an H200 inside the captured decode step (real keys, eps
-1e-3): 32/8/128 at 8k / 32k / 128k keys, prologue + filter 19.1 / 32.6 / 81.6 -> 18.0 / 31.2 /
-71.1 us; for 9/3/64 it was no faster (16.3 -> 18.1 us at 32k, equal at 128k), so D = 64 keeps
-four-warp programs of 128-key blocks, about one wave of them, at most 8 blocks each.
+Launch shape. For D = 128 and D = 64 (G <= 4) the launcher runs one-warp programs walking
+blocks of 4096 / D keys (32 and 64: 3.5 KB of records each), 16 per SM (the register file at
+128 registers per thread), at least 2 blocks each: the same occupancy as four-warp programs,
+but a barrier waits for one warp only and the warps do not wait for each other. Measured on an
+H200 inside the captured decode step (real keys, eps 1e-3): 32/8/128 at 8k / 32k / 128k keys,
+prologue + filter 19.1 / 32.6 / 81.6 -> 18.0 / 31.2 / 71.1 us. For 9/3/64, 32-key one-warp
+blocks were no faster (16.3 -> 18.1 us at 32k, equal at 128k); 64-key ones (A/B against
+four-warp programs of 128-key blocks, about one wave of them, at most 8 blocks each;
+alternating processes, three each) 30.1 -> 27.7 us at 128k, 16.1 -> 16.6 at 32k and 14.5 ->
+15.0 at 8k (the whole step 48.5 -> 45.9, 30.0 -> 29.8, 27.1 -> 27.7 us). Other shapes keep the
+four-warp programs. Register caps below 128 with more one-warp programs per SM (112 / 96 / 80
+/ 64 registers at 18 / 21 / 25 / 32 per SM; a few spills) were 14-28 % slower for 32/8/128 at
+128k keys and 14-29 % for 9/3/64's 32-key blocks (variants in turn in one process), and
+64-key blocks for D = 128 (16 or 12 per SM) 2-6 %: more resident warps do not make this loop
+faster.
 One-warp programs load every row's fine field together with its coarse field (one memory round
-trip per block instead of two dependent ones, for 32 more bytes per key at D = 128); four-warp
+trip per block instead of two dependent ones, for 32 more bytes per key at D = 128, 16 at
+D = 64); four-warp
 programs load only the survivors' (A/B on an H200, prologue + filter in the captured step,
-alternating processes: 32/8/128 at 32k / 128k 29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with its
+alternating processes: 32/8/128 at 32k / 128k 29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with
 four-warp programs 30.2 -> 31.0 at 128k, so not there). Both shapes compute the next block's
 mask at the end of an iteration, so that its loads issue at once (the same kind of A/B:
 32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
@@ -166,8 +175,10 @@ __all__ = ["quant_filter", "quant_filter_reference"]
 
 _LOG2E = 1.4426950408889634
 # partials per load in the last arrival's merge: a constant, so that the kernel compiles once
-# per shape, not once per capacity class (the split count follows the capacity)
-_MERGE_CHUNK = 128
+# per shape, not once per capacity class (the split count follows the capacity). 256 against
+# 128: up to 1.1 us less at 32k-128k keys (H200, captured step, alternating processes; 9/3/64
+# runs 704 programs per KV head at 128k), no spills; 512 spills for 32/8/128
+_MERGE_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,8 +626,8 @@ def quant_filter(
         num_splits, block_n, num_warps, maxnreg: tuning overrides (programs per KV head, keys
             per block, warps per program, register cap per thread); the defaults fill the
             device (maxnreg: 128 where that does not spill, G <= 4 and D <= 128; for D = 128
-            programs of one warp walking 32-key blocks, else of four warps and 128-key
-            blocks: see the module docstring, Work decomposition).
+            and D = 64 programs of one warp walking blocks of 4096 / D keys, else of four
+            warps and 128-key blocks: see the module docstring, Work decomposition).
         early: with programmatic dependent launch (_launch.pdl_launch), start before the
             kernel launched just before this one completes: each program reads q, the
             records and num_indexed and computes its first block's coarse dot, and waits for
@@ -728,9 +739,11 @@ def quant_filter(
     # ---- plan (host-known quantities only) ----
     nq = max(4, next_pow2(g))
     one_warp = (block_n is None and num_warps is None and maxnreg is None and nq <= 4
-                and d == 128)
+                and d in (64, 128))
     if one_warp:
-        block_n, num_warps = min(32, _block_n(None, seg if segmented else None)), 1
+        # blocks of 4096 / D keys: 32 at D = 128, 64 at D = 64 (3.5 KB of records each)
+        block_n = min(4096 // d, _block_n(None, seg if segmented else None))
+        num_warps = 1
     num_warps = 4 if num_warps is None else num_warps
     bn = _block_n(block_n, seg if segmented else None)
     if segmented:

@@ -21,6 +21,7 @@ import triton.language as tl
 from louver_kernels import IndexConfig, IndexKind, LouverIndex
 from louver_kernels import reference as ref
 from louver_kernels.triton.quant_filter import (
+    _MERGE_CHUNK,
     _expand,
     quant_filter,
     quant_filter_reference,
@@ -42,8 +43,10 @@ class Case:
     """A QUANT index over a key family plus queries, with every tensor quant_filter needs."""
 
     def __init__(self, *, kind: str, hkv: int, g: int, n: int, d: int, bits: int, coarse: int,
-                 group: int, seg: int, dtype: torch.dtype, gen: torch.Generator) -> None:
-        keys = make_keys(kind, hkv, n, d, dtype, gen)
+                 group: int, seg: int, dtype: torch.dtype, gen: torch.Generator,
+                 keys: torch.Tensor | None = None, q: torch.Tensor | None = None) -> None:
+        if keys is None:
+            keys = make_keys(kind, hkv, n, d, dtype, gen)
         values = torch.randn(hkv, keys.shape[1], 8, generator=gen).to(dtype)
         cfg = IndexConfig(kind=IndexKind.QUANT, quant_bits=bits, quant_coarse_bits=coarse,
                           quant_group=group, buffer_size=seg)
@@ -56,7 +59,9 @@ class Case:
         self.records = codes if idx.uses_triton else ref.pack_codes(codes, bits, coarse)
         self.err, self.lo, self.step = idx._err, idx._lo, idx._step
         qkind = "random" if kind in ("single", "duplicates", "boundary") else kind
-        self.q = make_keys(qkind, self.hq, 1, d, dtype, gen).reshape(self.hq, d).to(DEVICE)
+        if q is None:
+            q = make_keys(qkind, self.hq, 1, d, dtype, gen).reshape(self.hq, d)
+        self.q = q.to(DEVICE)
         self.slack = ref.quant_slack(self.q, idx._kmax, idx._rmax, idx._lmax, d // group)
         k, _ = idx.keys_range(0, self.n)
         self.scores = ref.scores(self.q, k)                              # [Hq, n] exact fp32
@@ -325,6 +330,26 @@ def test_infinite_thresholds_and_partial_segment() -> None:
     cand, _, lse = case.reference(tau, n2)
     assert torch.equal(_as_mask(lists, n2), cand.cpu()), msg
     assert torch.allclose(pl.cpu(), lse.cpu(), rtol=1e-4, atol=1e-4), msg
+
+
+def test_more_programs_than_one_merge_load() -> None:
+    """More active programs than the last arrival's merge reads per load (SPLIT_CHUNK): its
+    online max across loads, with the largest pruned bound in the last load (a key near the
+    end scaled up; tau = +inf prunes every key with its coarse bound)."""
+    gen, seed = gen_seed()
+    splits = _MERGE_CHUNK + 64
+    n = 16 * 2 * splits        # two 16-key blocks per program, whole segments of 256 keys
+    keys = make_keys("random", 1, n, 32, torch.float16, gen)
+    q = make_keys("random", 2, 1, 32, torch.float16, gen).reshape(2, 32)
+    keys[0, n - 3] = (3.0 * (q[0].float() + q[1].float())).half()   # the largest for both heads
+    case = Case(kind="random", hkv=1, g=2, n=n, d=32, bits=6, coarse=4, group=16, seg=256,
+                dtype=torch.float16, gen=gen, keys=keys, q=q)
+    msg = f"seed={seed}"
+    cp, cc, pl = case.run(torch.full((case.hq,), math.inf), num_splits=splits, block_n=16)
+    assert _lists(cp, cc, case.n, msg) and bool((cc == 0).all()), msg
+    want = torch.logsumexp(case.coarse_b.double() * case.index.scale, dim=1).float()
+    assert torch.allclose(pl.cpu(), want.cpu(), rtol=1e-5, atol=1e-5), msg
+    assert bool((case.coarse_b.argmax(dim=1) >= n - 16 * 2 * 64).all()), msg  # in the last load
 
 
 def test_empty_index_and_device_count() -> None:
