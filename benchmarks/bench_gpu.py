@@ -70,8 +70,8 @@ def _replay_us(index: LouverIndex, policy: Relative | Dense, q: torch.Tensor, st
 
 def sdpa_best(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor) -> dict[str, float]:
     """Median us of torch SDPA per backend that accepts the shapes, called two ways: with
-    enable_gqa (q [1, Hq, 1, D]) and with the G query heads of a KV head packed as G query rows
-    ([1, Hkv, G, D], no mask: the same attention, one read of K/V per KV head, as
+    enable_gqa (q [B, Hq, 1, D]) and with the G query heads of a KV head packed as G query rows
+    ([B, Hkv, G, D], no mask: the same attention, one read of K/V per KV head, as
     FlashAttention's GQA packing does). Each call is recorded in a CUDA graph and timed by
     replays, like Louver's CapturedStep (no host launch overhead). The baseline is the fastest
     entry."""
@@ -79,7 +79,7 @@ def sdpa_best(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor) -> dict[str,
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     hkv = k4.shape[1]
-    packed = q4.reshape(1, hkv, -1, q4.shape[-1])
+    packed = q4.reshape(q4.shape[0], hkv, -1, q4.shape[-1])
     out = {}
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.CUDNN_ATTENTION):

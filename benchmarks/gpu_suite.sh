@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session in one command: the kernel test suite on CUDA, then the decode-step benchmarks
-# (bench_gpu, bench_back_to_back), the backends' comparison (bench_backends) and the cost of
-# a new process's first steps (bench_cold_start).
+# (bench_gpu, bench_back_to_back, bench_sessions), the backends' comparison (bench_backends)
+# and the cost of a new process's first steps (bench_cold_start).
 #
 #   OUT=results-dir CAPTURE=real_l20_64k.pt bash benchmarks/gpu_suite.sh [tests|bench|all|shapes]
 #
@@ -36,6 +36,9 @@ if [[ $what == bench || $what == all ]]; then
     rc=$(( rc | PIPESTATUS[0] ))
     python3 -m benchmarks.bench_back_to_back --capture "$CAPTURE" \
         --out "$OUT/bench_back_to_back.json" 2>&1 | tee "$OUT/bench_back_to_back.log"
+    rc=$(( rc | PIPESTATUS[0] ))
+    python3 -m benchmarks.bench_sessions --capture "$CAPTURE" \
+        --out "$OUT/bench_sessions.json" 2>&1 | tee "$OUT/bench_sessions.log"
     rc=$(( rc | PIPESTATUS[0] ))
     python3 -m benchmarks.bench_backends --capture "$CAPTURE" \
         --out "$OUT/bench_backends.json" 2>&1 | tee "$OUT/bench_backends.log"
