@@ -111,13 +111,12 @@ four-warp programs. Register caps below 128 with more one-warp programs per SM (
 faster.
 One-warp programs load every row's fine field together with its coarse field (one memory round
 trip per block instead of two dependent ones, for 32 more bytes per key at D = 128, 16 at
-D = 64); four-warp
-programs load only the survivors' (A/B on an H200, prologue + filter in the captured step,
-alternating processes: 32/8/128 at 32k / 128k 29.8 / 65.6 -> 29.0 / 62.0 us; 9/3/64 with
-four-warp programs 30.2 -> 31.0 at 128k, so not there). Both shapes compute the next block's
-mask at the end of an iteration, so that its loads issue at once (the same kind of A/B:
-32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A
-software pipeline (the next block's coarse records loaded with this block's fine fields, the
+D = 64); four-warp programs load only the survivors' (A/B on an H200, prologue + filter in
+the captured step, alternating processes: 32/8/128 at 32k / 128k 29.8 / 65.6 -> 29.0 / 62.0
+us; 9/3/64 with four-warp programs 30.2 -> 31.0 at 128k, so not there). Both shapes compute
+the next block's mask at the end of an iteration, so that its loads issue at once (the same
+kind of A/B: 32/8/128 31.2 / 70.4 -> 29.7 / 65.7 us; 9/3/64 29.5 -> 30.1 at 128k). A software
+pipeline (the next block's coarse records loaded with this block's fine fields, the
 compaction's store one block later) was slower (32/8/128 at 128k: 71.3 against 66.1 us; 9/3/64
 33.4 against 30.5), and so was deferring the store alone, with the segment's row end computed
 once instead of c0 (66.0 against 61.7 us; 9/3/64 32.0 against 30.4). The inner loop as a

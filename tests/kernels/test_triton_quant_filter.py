@@ -335,7 +335,7 @@ def test_infinite_thresholds_and_partial_segment() -> None:
 def test_more_programs_than_one_merge_load() -> None:
     """More active programs than the last arrival's merge reads per load (SPLIT_CHUNK): its
     online max across loads, with the largest pruned bound in the last load (a key near the
-    end scaled up; tau = +inf prunes every key with its coarse bound)."""
+    end aligned with both queries; tau = +inf prunes every key with its coarse bound)."""
     gen, seed = gen_seed()
     splits = _MERGE_CHUNK + 64
     n = 16 * 2 * splits        # two 16-key blocks per program, whole segments of 256 keys
