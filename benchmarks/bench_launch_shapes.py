@@ -10,8 +10,11 @@ and is timed as a graph replay (median of triton.testing.do_bench, q in place):
                 launcher's D = 128 shape) or 64-key blocks (its D = 64 shape) at 16 per SM,
                 two-warp programs of 64-key blocks at 8 per SM, four-warp programs of 128-key
                 blocks at about one wave (its shape for other D)
-    attention   the whole step, per variant of the sparse attention's launch: default,
-                1 / 2 / 4 warps per program at 8 warps per SM
+    attention   the whole step, per variant of the sparse attention's launch: default
+                (two-warp programs, 4 per SM, min_blocks 1), 1 / 2 / 4 warps per program at
+                8 warps per SM, two-warp programs with min_blocks 2 or 4 (4: the former
+                default of 32/8/128), four-warp programs with min_blocks 2 (the former
+                default of 9/3/64), two-warp programs at 8 per SM
 
 Variants run in alternating order over two rounds. Each variant's attended counts must equal
 the default's and its outputs lie within 1e-5 of them (``same`` in the JSON).
@@ -55,7 +58,11 @@ def filter_variants(hkv: int, n: int, sms: int) -> dict[str, dict[str, int]]:
 
 ATTENTION_VARIANTS: dict[str, dict[str, int]] = {
     "default": {}, "w1": {"num_warps": 1, "grid_per_sm": 8},
-    "w2": {"num_warps": 2, "grid_per_sm": 4}, "w4": {"num_warps": 4, "grid_per_sm": 2}}
+    "w2": {"num_warps": 2, "grid_per_sm": 4}, "w4": {"num_warps": 4, "grid_per_sm": 2},
+    "w2_mb2": {"num_warps": 2, "grid_per_sm": 4, "min_blocks": 2},
+    "w2_mb4": {"num_warps": 2, "grid_per_sm": 4, "min_blocks": 4},
+    "w4_mb2": {"num_warps": 4, "grid_per_sm": 2, "min_blocks": 2},
+    "w2_8sm": {"num_warps": 2, "grid_per_sm": 8}}
 
 
 def _replay_us(step: CapturedStep) -> float:

@@ -70,20 +70,20 @@ memset: counters live in a cached per-(device, stream) buffer that is zero at cr
 zero by every launch. Launches on one stream are ordered, so they never share a counter
 concurrently; launches on different streams use different counters.
 
-Where the time goes (H200, Nsight Compute, eager launches under the profiler, real keys at
-eps 1e-3): the kernel is a latency chain at very low occupancy. Its 255 registers allow two
-programs (8 warps) per SM, 12.5 % occupancy; 32/8/128 at 4k keys (15 % candidates) keeps ~48
-of its 256 programs busy (about 6 per KV head, MIN_BLOCKS = 4 blocks each), 4.6 active warps
-per SM, 0.18 instructions issued per cycle and scheduler, DRAM at 2 %; at 128k keys (6 %) all
-264 programs work, 7.4 active warps per SM, 0.34 issued per cycle, DRAM at 12 %; 9/3/64 at 128k
-likewise (0.30, 7 %). A loop iteration (a 32-row block for 32/8/128) is ~950 SASS instructions
-per warp, about a quarter of them the FMAs of the exact scores and of P @ V. Faster means a
-shorter chain per program (fewer serial blocks where the grid has room, a cheaper merge) and
-more warps to hide it (fewer registers), not more bandwidth. Fewer registers must come from
+Where the time goes (H200, Nsight Compute, eager launches under the profiler, real keys at eps
+1e-3): the kernel is a latency chain at very low occupancy. Its 255 registers allow two programs
+(8 warps) per SM, 12.5 % occupancy; 32/8/128 at 4k keys (15 % candidates) keeps ~48 of its 256
+programs busy (about 6 per KV head, MIN_BLOCKS = 4 blocks each, the default then), 4.6 active
+warps per SM, 0.18 instructions issued per cycle and scheduler, DRAM at 2 %; at 128k keys (6 %)
+all 264 programs work, 7.4 active warps per SM, 0.34 issued per cycle, DRAM at 12 %; 9/3/64 at
+128k likewise (0.30, 7 %). A loop iteration (a 32-row block for 32/8/128) is ~950 SASS
+instructions per warp, about a quarter of them the FMAs of the exact scores and of P @ V. Faster
+means a shorter chain per program (fewer serial blocks where the grid has room, a cheaper merge)
+and more warps to hide it (fewer registers), not more bandwidth. Fewer registers must come from
 the code, not from a cap: with maxnreg = 168 or 128 (392-784 B of spills; 9/3/64's loop 728 ->
 851 / 922 SASS instructions; set on the launch by hand) the best split parameters of
-``bench_attention_gpu --split-sweep`` took 1.08-1.16x / 1.10-1.32x the uncapped best for
-9/3/64 and 1.14-1.44x / 1.21-1.69x for 32/8/128 (H200, every case of the sweep slower).
+``bench_attention_gpu --split-sweep`` took 1.08-1.16x / 1.10-1.32x the uncapped best for 9/3/64
+and 1.14-1.44x / 1.21-1.69x for 32/8/128 (H200, every case of the sweep slower).
 
 No host synchronization, no ``.item()``, no data-dependent control flow on the host: the grid
 depends only on shapes (maxC, cap) and on Python ints. ``buffer_start`` and ``buffer_end`` may
@@ -535,31 +535,38 @@ def sparse_attention(
             (default: grid_per_sm programs per SM, at most one per min_blocks blocks of the
             largest possible list per KV head).
         min_blocks: at most one taking part program per min_blocks blocks of a KV head's
-            actual list (read on the device); programs left over exit at once. Default: 2
-            where G * D <= 256, else 4. Measured on an H200 at decode-step candidate counts
-            (2-6 % of 4k-128k keys plus a 256-key buffer, graph replays;
-            ``bench_attention_gpu --split-sweep``): 2 took 0.84-0.96x the time of 4 for
-            9/3/64 (G * D = 192), and 0.84-1.12x for 32/8/128 (faster at 4k, slower at 32k);
-            1 was faster in some of these cases and slower in others, 8 slower in all.
+            actual list (read on the device); programs left over exit at once. Default: 1
+            (with the default two-warp programs, 4 per SM). Measured on an H200 inside the
+            captured decode step (real keys, eps 1e-3, the variants alternating in one
+            process, median over 6 queries and 2 rounds, two runs): 9/3/64 at 4k / 8k / 32k
+            / 128k keys 25.5 / 25.8 / 29.5 / 44.1 us per step against 27.3 / 27.6 / 29.8 /
+            45.5 with the former default (4 warps, min_blocks 2); 32/8/128 31.8 / 34.7 /
+            53.8 / 89.8 against 35.6 / 39.1 / 53.6 / 89.1 (2 warps, min_blocks 4): shorter
+            chains per program where the lists are short, ~0.8 % slower for 32/8/128 at
+            128k. (The kernel-only sweep, ``bench_attention_gpu --split-sweep`` on synthetic
+            lists, had preferred 2 for 9/3/64 and 4 for 32/8/128.)
         grid_per_sm: see num_splits; default: 8 warps per SM (8 // num_warps programs). The
             kernel needs ~255 registers per thread (8 resident warps per SM); with four-warp
             programs 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8} on an H200
             (synthetic, every candidate attended, 128k keys, 3-30 % candidates: e.g. 32/8/128
             at 10 %: 52 against 71 us for 4 per SM; before the heads shared the grid, 4 per
-            SM had been faster on real, skewed queries).
+            SM had been faster on real, skewed queries). Two-warp programs at 8 per SM
+            (two waves) took 1.0-1.2x the time of 4 per SM in the decode step (9/3/64 and
+            32/8/128, 4k-128k keys; see min_blocks for the set-up).
         merge_group: programs per group of the two-level merge (a KV head with more programs
             merges them in groups first); default: as many partials as one merge step loads
             (2048 num_warps / (G_P * Dv)).
         num_warps: warps per program (1, 2 or 4; a block has 2 rows per row lane, at least
-            32 rows with 4 warps). Default: 2 where G * D > 256, else 4. Measured on an H200
-            inside the captured decode step (real keys, eps 1e-3, 8 warps per SM): 32/8/128
-            at 8k / 32k / 128k keys 42.7 / 62.7 / 101.8 us per step with 4 warps, 39.9 / 56.8
-            / 98.7 with 2, 37.5 / 62.1 / 114.4 with 1; 9/3/64 27.6 / 31.0 / 49.3 with 4, 26.8
-            / 31.9 / 46.9 with 2 (mixed: 4 stays). One warp was the fastest at <= 8k keys
-            (32/8/128 at 4k / 8k: 34.1 / 36.4 against 35.2 / 39.2 us; 9/3/64 ~1 us less), but
-            a default keyed to the capacity would compile a second kernel when a session's
-            cache grows past it (a stall of a decode step; test_index_triton checks that
-            nothing recompiles), so it is not the default.
+            32 rows with 4 warps). Default: 2. Measured on an H200 inside the captured decode
+            step (real keys, eps 1e-3, 8 warps per SM, the former min_blocks): 32/8/128 at 8k
+            / 32k / 128k keys 42.7 / 62.7 / 101.8 us per step with 4 warps, 39.9 / 56.8 /
+            98.7 with 2, 37.5 / 62.1 / 114.4 with 1; 9/3/64 27.6 / 31.0 / 49.3 with 4, 26.8 /
+            31.9 / 46.9 with 2 (mixed), and with min_blocks 1 two warps are the faster at
+            every context (see min_blocks). One warp (8 per SM, min_blocks 1) was 4-10 % slower
+            than two at 8k keys and 4-21 % at 32k-128k; at 4k 1 % faster for 9/3/64, 5 %
+            slower for 32/8/128. A default keyed to the capacity would compile a second kernel
+            when a session's cache grows past it (a stall of a decode step; test_index_triton
+            checks that nothing recompiles), so the default is one shape.
 
     Returns:
         (out float32 [Hq, Dv], lse float32 [Hq], num_attended [Hq]): the softmax(scale * s)
@@ -610,9 +617,9 @@ def sparse_attention(
         raise ValueError(f"num_splits must be a positive int, got {num_splits!r}")
     g = hq // hkv
     if min_blocks is None:
-        min_blocks = 2 if g * d <= 256 else 4
+        min_blocks = 1
     if num_warps is None:
-        num_warps = 4 if g * d <= 256 else 2
+        num_warps = 2
     if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4):
         raise ValueError(f"num_warps must be 1, 2 or 4, got {num_warps!r}")
     if grid_per_sm is None:
