@@ -133,17 +133,19 @@ Compaction: per block, count the candidates, reserve a range of cand_pos with ON
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
 ordered by the ticket below), write positions at offset + exclusive cumsum.
 
-pruned_lse: per program, an online logsumexp per (row lane, query head) over the
-non-candidates (no cross-thread traffic in the loop; one exp2 per entry), merged over the rows
-once -> a partial (max, sum) per (program, head) in a workspace. Each program then takes a
-ticket on a per-KV-head arrival counter (acq_rel, after a CTA barrier); the last arrival merges
-the num_splits partials of its KV head (all heads at once, one pass), writes pruned_lse and
+pruned_lse: per program, an online logsumexp per (row lane, query head) over the non-candidates
+(no cross-thread traffic in the loop; one exp2 per entry), merged over the rows once -> a
+partial (max, sum) per (program, head) in a workspace. Each program then takes a ticket on a
+per-KV-head arrival counter (acq_rel, after a CTA barrier); the last arrival merges the
+num_splits partials of its KV head (all heads at once, one pass), writes pruned_lse and
 cand_count (read from the slot counter with an exchange that resets it to zero) and resets the
-ticket. So: one launch, no memset, no host synchronization; the counters live in a cached
-per-(device, stream) buffer that is zero at creation and left zero by every launch (launches on
-one stream are ordered; launches on different streams use different counters). cand_count and
-pruned_lse are written by every launch, cand_pos up to cand_count: no pre-zeroing contract for
-the caller.
+ticket; the two exchanges come before the merge's loads, so that their round trips overlap
+(0.3-0.7 us less per decode step than after them: H200, captured step, real keys, eps 1e-3, both
+shapes at 4k-128k keys, the two orders alternating in one process, two runs). So: one launch, no
+memset, no host synchronization; the counters live in a cached per-(device, stream) buffer that
+is zero at creation and left zero by every launch (launches on one stream are ordered; launches
+on different streams use different counters). cand_count and pruned_lse are written by every
+launch, cand_pos up to cand_count: no pre-zeroing contract for the caller.
 """
 
 from __future__ import annotations
@@ -488,8 +490,15 @@ def _quant_filter_kernel(
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr + tl.num_programs(1) + kh, 1, sem="acq_rel", scope="gpu")
     if ticket == active - 1:
-        # last arrival: merge the partials of all heads at once, SPLIT_CHUNK splits per load
-        # (one pass with an online max; 1-4 steps for the launcher's default split counts)
+        # last arrival: first the candidate count (the slot counter, reset to zero) and the
+        # ticket's reset, whose round trips then overlap the merge's loads (relaxed: the
+        # ticket's acquire already ordered every slot reservation before them); then merge the
+        # partials of all heads at once, SPLIT_CHUNK splits per load (one pass with an online
+        # max; 1-4 steps for the launcher's default split counts)
+        total = tl.atomic_xchg(counter_ptr + kh, 0, sem="relaxed", scope="gpu")
+        tl.store(cand_count_ptr + kh, tl.minimum(total, cap_out))
+        # leave the ticket at zero for the next launch on this stream
+        tl.atomic_xchg(counter_ptr + tl.num_programs(1) + kh, 0, sem="relaxed", scope="gpu")
         offs_s = tl.arange(0, SPLIT_CHUNK)
         m_tot = tl.full([NQ], float("-inf"), tl.float32)
         s_tot = tl.zeros([NQ], tl.float32)
@@ -509,10 +518,6 @@ def _quant_filter_kernel(
         has = s_tot > 0.0
         lse = (m_tot + tl.log2(tl.where(has, s_tot, 1.0))) * 0.6931471805599453
         tl.store(pruned_lse_ptr + heads, tl.where(has, lse, float("-inf")), mask=q_ok)
-        total = tl.atomic_xchg(counter_ptr + kh, 0, sem="acq_rel", scope="gpu")
-        tl.store(cand_count_ptr + kh, tl.minimum(total, cap_out))
-        # leave the ticket at zero for the next launch on this stream
-        tl.atomic_xchg(counter_ptr + tl.num_programs(1) + kh, 0, sem="relaxed", scope="gpu")
 
 
 # ----------------------------------------------------------------------------------------------
