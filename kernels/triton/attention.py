@@ -537,14 +537,14 @@ def sparse_attention(
         min_blocks: at most one taking part program per min_blocks blocks of a KV head's
             actual list (read on the device); programs left over exit at once. Default: 1
             (with the default two-warp programs, 4 per SM). Measured on an H200 inside the
-            captured decode step (real keys, eps 1e-3, the variants alternating in one
-            process, median over 6 queries and 2 rounds, two runs): 9/3/64 at 4k / 8k / 32k
-            / 128k keys 25.5 / 25.8 / 29.5 / 44.1 us per step against 27.3 / 27.6 / 29.8 /
-            45.5 with the former default (4 warps, min_blocks 2); 32/8/128 31.8 / 34.7 /
-            53.8 / 89.8 against 35.6 / 39.1 / 53.6 / 89.1 (2 warps, min_blocks 4): shorter
-            chains per program where the lists are short, ~0.8 % slower for 32/8/128 at
-            128k. (The kernel-only sweep, ``bench_attention_gpu --split-sweep`` on synthetic
-            lists, had preferred 2 for 9/3/64 and 4 for 32/8/128.)
+            captured decode step (``bench_launch_shapes``: real keys, eps 1e-3): 9/3/64 at
+            8k / 32k / 128k keys 25.3 / 29.5 / 43.7 us per step against 27.5 / 29.3 / 45.4
+            with the former default (4 warps, min_blocks 2); 32/8/128 34.4 / 53.1 / 89.5
+            against 38.4 / 53.4 / 89.2 (2 warps, min_blocks 4); at 4k keys (the same sweep
+            in a scratch run) 25.5 against 27.3 and 31.8 against 35.6 us. Shorter chains per
+            program where the lists are short; for 32/8/128 at 128k 0.3-0.8 % slower. (The
+            kernel-only sweep, ``bench_attention_gpu --split-sweep`` on synthetic lists, had
+            preferred 2 for 9/3/64 and 4 for 32/8/128.)
         grid_per_sm: see num_splits; default: 8 warps per SM (8 // num_warps programs). The
             kernel needs ~255 registers per thread (8 resident warps per SM); with four-warp
             programs 2 was the fastest of {2, 4, 8} x min_blocks {1, 2, 4, 8} on an H200
