@@ -85,6 +85,15 @@ the code, not from a cap: with maxnreg = 168 or 128 (392-784 B of spills; 9/3/64
 ``bench_attention_gpu --split-sweep`` took 1.08-1.16x / 1.10-1.32x the uncapped best for 9/3/64
 and 1.14-1.44x / 1.21-1.69x for 32/8/128 (H200, every case of the sweep slower).
 
+Fusing it into the filter is not the way out as such: a prototype in which every one-warp
+filter program attended its own candidates (compacted into a per-program range, 16 rows per
+chunk, the buffer spread over the programs, the partials of ~264 programs per KV head merged
+in two levels) gave the same attended sets and outputs (within 2e-6) on an H200, but took
+1.3-1.9x the three-kernel step's time at 4k-128k keys (32/8/128 at 128k: 172 against 90 us),
+except 9/3/64 at 4k (0.97x): one warp spends ~2300 SASS instructions per 16 candidates on
+four heads' FMA dots and their cross-lane reductions, and ~4000 per step of a merge over
+[chunk, head, Dv] partials. A fused step needs the candidates handed to fewer, wider programs.
+
 No host synchronization, no ``.item()``, no data-dependent control flow on the host: the grid
 depends only on shapes (maxC, cap) and on Python ints. ``buffer_start`` and ``buffer_end`` may
 be device tensors (read in the kernel), which makes the launch capturable once
