@@ -131,9 +131,9 @@ processes. An L2 prefetch of the records PF blocks ahead (one ``prefetch.global.
 and 128-byte line, no registers held) took the whole step 0-3 % down with PF = 1 (9/3/64;
 32/8/128 +1.4 to -1.2 %) and up to 17 % up with PF = 2-8 at 128k keys (in-process A/B). Dots
 on CUDA cores instead of tensor cores (``dp4a``, four channels per instruction, the query as
-packed bytes in registers) compile to 512 IDP instructions per 32-key block for 32/8/128, as
-many as the whole tensor-core loop body (598), and with Triton's layouts to 2087 instructions
-and 320 B of spills: not run.
+packed bytes in registers) compile to 512 IDP instructions per 32-key block for 32/8/128,
+nearly as many as the whole tensor-core loop body (598), and with Triton's layouts to 2087
+instructions and 320 B of spills: not run.
 
 Compaction: per block, count the candidates, reserve a range of cand_pos with ONE atomic add on
 a per-KV-head slot counter (relaxed: only the final count and the positions matter, both
