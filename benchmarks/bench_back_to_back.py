@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import capture_args, record_graph, repeated_kv
+from benchmarks.gpu_common import capture_args, record_graph, repeated_kv, write_result
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton import _launch
 from louver_kernels.triton.dense_attention import dense_attention
@@ -126,13 +126,9 @@ def main() -> None:
         for n in contexts:
             dense.append(dense_row(hq, hkv, d, n, dev))
             print(json.dumps(dense[-1]), flush=True)
-    out = {"benchmark": "bench_back_to_back", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "calls_per_graph": CALLS,
-           "pdl_available": bool(_launch.pdl_launch(dev)), "dense": dense,
-           "sparse": sparse_rows(args.capture, [n for n in contexts if n >= 32768], dev)}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", args.out)
+    write_result(args.out, "bench_back_to_back", {
+        "calls_per_graph": CALLS, "pdl_available": bool(_launch.pdl_launch(dev)), "dense": dense,
+        "sparse": sparse_rows(args.capture, [n for n in contexts if n >= 32768], dev)})
 
 
 if __name__ == "__main__":

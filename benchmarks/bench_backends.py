@@ -26,10 +26,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import triton
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import capture_args, repeated_kv
+from benchmarks.gpu_common import capture_args, repeated_kv, write_result
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton.decode import CapturedStep
 
@@ -75,12 +74,9 @@ def main() -> None:
         for n in (int(x) for x in args.contexts.split(",")):
             rows.append(row(label, cap, n, dev))
             print(json.dumps(rows[-1]), flush=True)
-    out = {"benchmark": "bench_backends", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__, "policy": "Relative(1e-3)",
-           "timing": f"median of {REPS} synchronized calls after {WARMUP}", "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, "bench_backends", {
+        "policy": "Relative(1e-3)", "timing": f"median of {REPS} synchronized calls after {WARMUP}",
+        "rows": rows})
 
 
 if __name__ == "__main__":

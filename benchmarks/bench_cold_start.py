@@ -77,7 +77,8 @@ def main() -> None:
         print(json.dumps(child(args.child, args.context)))
         return
     import torch
-    import triton
+
+    from benchmarks.gpu_common import write_result
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_cold_start needs a CUDA device")
@@ -95,12 +96,8 @@ def main() -> None:
                 row.update(cache=run, process_s=time.perf_counter() - t0)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    out = {"benchmark": "bench_cold_start", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__, "policy": "Relative(1e-3)",
-           "dtype": "float16", "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    print(f"wrote {args.out}")
+    write_result(args.out, "bench_cold_start",
+                 {"policy": "Relative(1e-3)", "dtype": "float16", "rows": rows})
 
 
 if __name__ == "__main__":

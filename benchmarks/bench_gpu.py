@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_common import copy_bandwidth, repeated_kv
+from benchmarks.gpu_common import copy_bandwidth, repeated_kv, write_result
 from louver_kernels import Dense, Fixed, IndexConfig, IndexKind, LouverIndex, Relative
 from louver_kernels import reference as ref
 from louver_kernels.triton import _launch, set_programmatic_launch
@@ -529,24 +529,22 @@ def main() -> None:
         results.append({"shape": label, "gpu": torch.cuda.get_device_name(),
                         "keys": cap["meta"]["source"] + "; contexts beyond it repeat it",
                         "rows": rows})
-    out = {"benchmark": "bench_gpu", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "copy_bytes_per_s": copy_bps, "config": str(config),
-           "programmatic_dependent_launch": bool(_launch.pdl_launch(torch.device("cuda"))),
-           "timing": "median of triton.testing.do_bench (CUDA events) after warm-up; "
-                     "sdpa = CUDA graph replay of the fastest backend; louver_graph = "
-                     "CapturedStep replay reading q from its input buffer (step.q, where "
-                     "the service's host-to-device copy of the request writes it); "
-                     "louver_graph_copy = the same called with q elsewhere on the device "
-                     "(one device copy more); louver_auto = louver_graph with "
-                     "the dense fallback (auto_dense_share: how many measured queries ended "
-                     "on the dense step); louver = eager index.attend "
-                     "(host launch overhead included); balls = eager attend of a "
-                     "subspace-ball index (plain-torch backend) over the same keys",
-           "shapes": results}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+    write_result(args.out, "bench_gpu", {
+        "copy_bytes_per_s": copy_bps, "config": str(config),
+        "programmatic_dependent_launch": bool(_launch.pdl_launch(torch.device("cuda"))),
+        "timing": "median of triton.testing.do_bench (CUDA events) after warm-up; "
+                  "sdpa = CUDA graph replay of the fastest backend; louver_graph = "
+                  "CapturedStep replay reading q from its input buffer (step.q, where "
+                  "the service's host-to-device copy of the request writes it); "
+                  "louver_graph_copy = the same called with q elsewhere on the device "
+                  "(one device copy more); louver_auto = louver_graph with "
+                  "the dense fallback (auto_dense_share: how many measured queries ended "
+                  "on the dense step); louver = eager index.attend "
+                  "(host launch overhead included); balls = eager attend of a "
+                  "subspace-ball index (plain-torch backend) over the same keys",
+        "shapes": results})
     plot(results, Path(args.out).with_suffix(".png"))
-    print(json.dumps({"copy_TBps": copy_bps / 1e12}), f"wrote {args.out}")
+    print(json.dumps({"copy_TBps": copy_bps / 1e12}))
 
 
 if __name__ == "__main__":

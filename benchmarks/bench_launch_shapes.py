@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +33,7 @@ import triton
 import triton.testing
 
 from benchmarks.bench_gpu import SHAPES
-from benchmarks.gpu_common import capture_args, repeated_kv
+from benchmarks.gpu_common import capture_args, repeated_kv, write_result
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels.triton._launch import num_sms
 from louver_kernels.triton.decode import CapturedStep
@@ -122,14 +121,10 @@ def main() -> None:
             rows.append(row)
             del index, keys, values
             torch.cuda.empty_cache()
-    out = {"benchmark": "bench_launch_shapes", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__,
-           "timing": "median of triton.testing.do_bench over the queries and rounds; "
-                     "filter_us: CapturedStep(stages=2) (prologue + filter); step_us: the "
-                     "whole captured step", "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, "bench_launch_shapes", {
+        "timing": "median of triton.testing.do_bench over the queries and rounds; filter_us: "
+                  "CapturedStep(stages=2) (prologue + filter); step_us: the whole captured step",
+        "rows": rows})
 
 
 if __name__ == "__main__":

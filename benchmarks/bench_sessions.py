@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,7 +32,7 @@ import triton
 import triton.testing
 
 from benchmarks.bench_gpu import SHAPES, _missed, sdpa_best
-from benchmarks.gpu_common import capture_args, record_graph, repeated_kv
+from benchmarks.gpu_common import capture_args, record_graph, repeated_kv, write_result
 from louver_kernels import IndexConfig, LouverIndex, Relative
 from louver_kernels import reference as ref
 from louver_kernels.threshold import Dense, Policy
@@ -120,17 +119,13 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 torch.cuda.empty_cache()
-    out = {"benchmark": "bench_sessions", "gpu": torch.cuda.get_device_name(),
-           "torch": torch.__version__, "triton": triton.__version__, "eps": EPS,
-           "queries": QUERIES,
-           "timing": "median of triton.testing.do_bench over replays of one CUDA graph "
-                     "holding the B sessions' steps as parallel branches (Louver; the median "
-                     "over QUERIES / B groups of queries) or one batched call (SDPA, fastest "
-                     "backend); L2 flushed between replays",
-           "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.out}")
+    write_result(args.out, "bench_sessions", {
+        "eps": EPS, "queries": QUERIES,
+        "timing": "median of triton.testing.do_bench over replays of one CUDA graph holding the "
+                  "B sessions' steps as parallel branches (Louver; the median over QUERIES / B "
+                  "groups of queries) or one batched call (SDPA, fastest backend); L2 flushed "
+                  "between replays",
+        "rows": rows})
 
 
 if __name__ == "__main__":

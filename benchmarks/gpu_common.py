@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,6 +47,18 @@ def copy_bandwidth(device: torch.device) -> float:
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=100,
                                  return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
+
+
+def write_result(path: str | Path, name: str, fields: dict[str, Any]) -> None:
+    """Write a GPU benchmark's JSON to ``path`` (parent folders made): its name, the device and
+    the torch / Triton versions, then ``fields``; prints where it went."""
+    import triton
+
+    out = {"benchmark": name, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "triton": triton.__version__, **fields}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1))
+    print(f"wrote {path}")
 
 
 def capture_args(doc: str | None, name: str, contexts: str) -> argparse.Namespace:
